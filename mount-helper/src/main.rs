@@ -1,1 +1,333 @@
-fn main(){}
+//! `modelfs`: the command-line tool that drives a modelfs store.
+//!
+//! It lives in `mount-helper/` because this one binary is what an operator
+//! installs: the same executable will also act as the mount helper
+//! (`mount.fuse.modelfs`) and the systemd service's `modelfs mount`, so the
+//! CLI, the helper and the unit files ship together.
+
+mod output;
+
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use modelfs_store::{default_model_name, default_store_dir, ImportOptions, ImportProgress, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "modelfs",
+    version,
+    about = "Keep many ML models on one machine: a deduplicating, content-addressed model store",
+    long_about = "modelfs stores model directories (safetensors, torch .bin/.pt, GGUF, ONNX, configs, \
+tokenizers) in a content-addressed store. Files are cut into chunks on tensor boundaries, so a tensor \
+shared by several models, fine-tunes, re-shards or re-saves is stored once.\n\n\
+The store is --store DIR, else $MODELFS_STORE, else /var/lib/modelfs (root) or \
+$XDG_DATA_HOME/modelfs (other users)."
+)]
+struct Cli {
+    /// Store directory [default: $MODELFS_STORE, /var/lib/modelfs for root, else $XDG_DATA_HOME/modelfs]
+    #[arg(long, global = true, env = "MODELFS_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an empty store (import also creates one on first use)
+    Init,
+    /// Import a model directory, a single file, or a Hugging Face cache snapshot
+    #[command(long_about = "Import a model directory, a single file, or a Hugging Face cache \
+snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory itself, which means \
+its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
+zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
+does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
+Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/).")]
+    Import {
+        /// Directory or file to import
+        path: PathBuf,
+        /// Model name, a relative path like `bert-base` or `org/llama-3-8b` [default: from PATH]
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing model with the same name
+        #[arg(long)]
+        replace: bool,
+        /// Also follow symlinks that point outside the imported tree
+        #[arg(long)]
+        follow_symlinks: bool,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List models, or the files of one model and how each is stored
+    Ls {
+        /// Show the files of this model
+        name: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove models (their bytes are reclaimed by `gc`)
+    Rm {
+        /// Models to remove
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Reclaim disk space no model references (safe while the store is mounted)
+    Gc {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash stored files; exit 1 and name each damaged file
+    Verify {
+        /// Only this model
+        name: Option<String>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a stored file to stdout, reassembled and checked against its hash
+    Cat {
+        /// MODEL/PATH, e.g. org/llama-3-8b/config.json
+        file: String,
+    },
+    /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
+    Du {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if e
+                .downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("modelfs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn store_dir(cli_store: Option<PathBuf>) -> PathBuf {
+    cli_store.unwrap_or_else(default_store_dir)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let dir = store_dir(cli.store);
+    match cli.command {
+        Command::Init => {
+            Store::init(&dir).with_context(|| format!("creating store {}", dir.display()))?;
+            println!("store ready at {}", dir.display());
+        }
+        Command::Import {
+            path,
+            name,
+            replace,
+            follow_symlinks,
+            json,
+        } => import(&dir, &path, name, replace, follow_symlinks, json)?,
+        Command::Ls { name, json } => {
+            let store = Store::open(&dir)?;
+            match name {
+                None => output::models(&store.models()?, json)?,
+                Some(n) => output::files(&store.files(&n)?, json)?,
+            }
+        }
+        Command::Rm { names } => {
+            let mut store = Store::open(&dir)?;
+            for n in names {
+                let m = store.remove(&n)?;
+                println!(
+                    "removed {} ({} files, {}); run `modelfs gc` to reclaim its unique bytes",
+                    m.name,
+                    m.files,
+                    HumanBytes(m.logical_bytes)
+                );
+            }
+        }
+        Command::Gc { json } => {
+            let mut store = Store::open(&dir)?;
+            let r = store.gc()?;
+            if json {
+                output::json(&r)?;
+            } else {
+                println!(
+                    "gc: freed {}; removed {} objects, {} contents, {} chunks; punched holes in {} objects{}",
+                    HumanBytes(r.bytes_freed),
+                    r.objects_removed,
+                    r.contents_removed,
+                    r.chunks_removed,
+                    r.objects_punched,
+                    if r.objects_busy > 0 {
+                        format!("; {} objects in use by readers left for the next gc", r.objects_busy)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Command::Verify { name, json } => {
+            let store = Store::open(&dir)?;
+            let r = store.verify(name.as_deref())?;
+            if json {
+                output::json(&r)?;
+            } else {
+                output::verify(&r);
+            }
+            if !r.is_clean() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Cat { file } => {
+            let store = Store::open(&dir)?;
+            let (model, info) = store.resolve(&file)?;
+            let reader = store.open_file(info.content_id)?;
+            let stdout = io::stdout();
+            let mut out = stdout.lock();
+            reader
+                .copy_to(&mut out)
+                .map_err(|e| match e {
+                    modelfs_store::Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => {
+                        anyhow::Error::new(source)
+                    }
+                    e => anyhow::Error::new(e).context(format!("{}/{}", model.name, info.path)),
+                })?;
+            out.flush()?;
+        }
+        Command::Du { json } => {
+            let store = Store::open(&dir)?;
+            let u = store.usage()?;
+            if json {
+                output::json(&u)?;
+            } else {
+                output::usage(&u);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(
+    dir: &Path,
+    path: &Path,
+    name: Option<String>,
+    replace: bool,
+    follow_symlinks: bool,
+    json: bool,
+) -> Result<()> {
+    if !path.exists() && path.symlink_metadata().is_err() {
+        bail!("{}: no such file or directory", path.display());
+    }
+    let name = match name {
+        Some(n) => n,
+        None => default_model_name(path).with_context(|| {
+            format!("{}: cannot derive a model name from this path; pass --name", path.display())
+        })?,
+    };
+    let mut store =
+        Store::init(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    let progress = BarProgress::new();
+    let summary = store
+        .import(
+            path,
+            &ImportOptions {
+                name,
+                replace,
+                follow_symlinks,
+            },
+            &progress,
+        )
+        .with_context(|| format!("importing {}", path.display()));
+    progress.finish();
+    let summary = summary?;
+    if json {
+        output::json(&summary)?;
+    } else {
+        println!(
+            "imported {}: {} files, {}, {} new stored ({} whole, {} recipe, {} identical to stored files), {:.2} s",
+            summary.name,
+            summary.files,
+            HumanBytes(summary.logical_bytes),
+            HumanBytes(summary.new_bytes),
+            summary.whole_files,
+            summary.recipe_files,
+            summary.identical_files,
+            summary.seconds
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal; warnings always go to stderr.
+struct BarProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl BarProgress {
+    fn new() -> BarProgress {
+        let bar = io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("valid template"),
+            );
+            b
+        });
+        BarProgress { bar }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl ImportProgress for BarProgress {
+    fn begin(&self, _files: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+        }
+    }
+    fn file(&self, path: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(path.to_string());
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+    fn warn(&self, message: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("modelfs: warning: {message}")),
+            None => eprintln!("modelfs: warning: {message}"),
+        }
+    }
+    fn waiting_for_lock(&self) {
+        eprintln!("modelfs: another import, rm or gc is running on this store; waiting for it");
+    }
+}

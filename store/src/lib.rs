@@ -1,1 +1,232 @@
-//! x
+//! The modelfs store: model files cut into blake3-addressed chunks, every
+//! distinct chunk kept once, with a catalog saying how to put each file back.
+//!
+//! Why this crate exists: it is the single owner of the on-disk format
+//! (docs/store-format.md). Importing, listing, reading back, verifying and
+//! garbage-collecting all go through it, so the mount (`fs/`) and the CLI never
+//! touch store files directly and can rely on its two guarantees: a model is
+//! visible only once all its bytes and metadata are durable, and bytes handed
+//! out by a reader are checked against their hash.
+//!
+//! Layout decisions that the FUSE layer depends on:
+//! * a file whose chunks were all new when imported is stored as one object
+//!   file byte-identical to it ([`FileInfo::whole_object`]), so the kernel can
+//!   serve it by passthrough;
+//! * identical files are one content (one hash), so the mount can give them
+//!   one inode and one set of page-cache pages.
+
+mod catalog;
+mod chunker;
+mod error;
+mod gc;
+mod import;
+pub mod locks;
+mod names;
+mod read;
+pub mod recipe;
+mod usage;
+mod verify;
+
+use std::path::{Path, PathBuf};
+
+pub use catalog::{Catalog, ContentInfo, EntryInfo, ModelInfo};
+pub use chunker::{CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
+pub use error::{Error, Result};
+pub use gc::GcReport;
+pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
+pub use names::validate_model_name;
+pub use read::FileReader;
+pub use recipe::{Hash, ObjectId, Segment};
+pub use usage::{ModelUsage, Usage};
+pub use verify::{Damage, VerifyReport};
+
+use error::IoContext;
+
+/// File name of the catalog inside a store directory.
+pub const CATALOG_FILE: &str = "catalog.db";
+/// Directory of object files inside a store directory.
+pub const OBJECTS_DIR: &str = "objects";
+const LOCK_FILE: &str = "lock";
+
+/// The store directory used when neither `--store` nor `$MODELFS_STORE` is given:
+/// `/var/lib/modelfs` for root, `$XDG_DATA_HOME/modelfs` (or
+/// `~/.local/share/modelfs`) otherwise.
+pub fn default_store_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/modelfs");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("modelfs");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/modelfs")
+}
+
+/// An opened store directory.
+pub struct Store {
+    root: PathBuf,
+    catalog: Catalog,
+}
+
+/// How a file of a model is stored, as the mount needs to know it.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: u64,
+    pub hash: Hash,
+    pub content_id: i64,
+    pub mode: u32,
+    /// Path of an object file byte-identical to this file, if there is one
+    /// (servable by kernel passthrough). `None`: the file is a recipe of chunks.
+    pub whole_object: Option<PathBuf>,
+    pub chunks: usize,
+    pub format: Option<String>,
+}
+
+impl Store {
+    /// Create a store at `root` (or open it if it already is one).
+    pub fn init(root: &Path) -> Result<Store> {
+        std::fs::create_dir_all(root.join(OBJECTS_DIR)).at(root)?;
+        let catalog = Catalog::open(&root.join(CATALOG_FILE), true)?;
+        fsync_dir(root)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            catalog,
+        })
+    }
+
+    /// Open an existing store; a clear error if `root` is not one.
+    pub fn open(root: &Path) -> Result<Store> {
+        let cat_path = root.join(CATALOG_FILE);
+        if !cat_path.is_file() {
+            let reason = if root.exists() {
+                format!("no {CATALOG_FILE}; run `modelfs init` or import something first")
+            } else {
+                "directory does not exist; run `modelfs init` or import something first".into()
+            };
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+                reason,
+            });
+        }
+        let catalog = Catalog::open(&cat_path, false)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            catalog,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Path of an object file. Objects fan out over 256 directories by the
+    /// low byte of their id so no directory grows huge.
+    pub fn object_path(&self, id: ObjectId) -> PathBuf {
+        self.root
+            .join(OBJECTS_DIR)
+            .join(format!("{:02x}", id & 0xff))
+            .join(format!("{id:016x}"))
+    }
+
+    pub(crate) fn lock_writer(&self, on_wait: impl FnOnce()) -> Result<locks::WriterLock> {
+        locks::WriterLock::acquire(&self.root.join(LOCK_FILE), on_wait)
+    }
+
+    pub fn models(&self) -> Result<Vec<ModelInfo>> {
+        self.catalog.models()
+    }
+
+    fn model_or_err(&self, name: &str) -> Result<ModelInfo> {
+        self.catalog
+            .model(name)?
+            .ok_or_else(|| Error::NoSuchModel(name.to_string()))
+    }
+
+    /// The files of a model with how each is stored.
+    pub fn files(&self, model: &str) -> Result<Vec<FileInfo>> {
+        let m = self.model_or_err(model)?;
+        let mut out = Vec::new();
+        for e in self.catalog.entries(m.id)? {
+            if let Some(cid) = e.content {
+                out.push(self.file_info(e.path, cid, e.mode)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn file_info(&self, path: String, content_id: i64, mode: u32) -> Result<FileInfo> {
+        let c = self.catalog.content(content_id)?;
+        Ok(FileInfo {
+            path,
+            size: c.size,
+            hash: c.hash,
+            content_id,
+            mode,
+            whole_object: c.whole_object.map(|o| self.object_path(o)),
+            chunks: c.segments.len(),
+            format: c.format,
+        })
+    }
+
+    /// Resolve `NAME/PATH` where NAME may itself contain `/`: the longest
+    /// prefix that names a model wins.
+    pub fn resolve(&self, name_and_path: &str) -> Result<(ModelInfo, FileInfo)> {
+        let trimmed = name_and_path.trim_matches('/');
+        let mut split_points: Vec<usize> = trimmed.match_indices('/').map(|(i, _)| i).collect();
+        split_points.reverse();
+        for i in split_points {
+            let (name, path) = (&trimmed[..i], &trimmed[i + 1..]);
+            if let Some(m) = self.catalog.model(name)? {
+                let entry = self.catalog.entry(m.id, path)?;
+                return match entry {
+                    Some(EntryInfo {
+                        content: Some(cid),
+                        mode,
+                        ..
+                    }) => {
+                        let fi = self.file_info(path.to_string(), cid, mode)?;
+                        Ok((m, fi))
+                    }
+                    Some(_) => Err(Error::InvalidInput {
+                        path: name_and_path.into(),
+                        reason: "is a directory".into(),
+                    }),
+                    None => Err(Error::NoSuchFile {
+                        model: m.name,
+                        path: path.to_string(),
+                    }),
+                };
+            }
+        }
+        Err(Error::InvalidInput {
+            path: name_and_path.into(),
+            reason: "no model name is a prefix of this path (expected MODEL/PATH)".into(),
+        })
+    }
+
+    /// Open a file of the store for reading (checked against chunk hashes).
+    pub fn open_file(&self, content_id: i64) -> Result<FileReader> {
+        let c = self.catalog.content(content_id)?;
+        FileReader::open(self, c)
+    }
+
+    /// Remove a model. Its bytes stay on disk until `gc`.
+    pub fn remove(&mut self, name: &str) -> Result<ModelInfo> {
+        let _lock = self.lock_writer(|| {})?;
+        let m = self.model_or_err(name)?;
+        self.catalog
+            .sql(|c| c.execute("DELETE FROM models WHERE id = ?1", [m.id]))?;
+        Ok(m)
+    }
+}
+
+/// fsync a directory so that entries created in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}

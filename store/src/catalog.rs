@@ -1,0 +1,355 @@
+//! The catalog: models, their files, contents, recipes and the chunk index,
+//! in one SQLite database in WAL mode.
+//!
+//! Why SQLite/WAL: the importer (one process) writes while mounted
+//! filesystems (other processes) read. WAL gives every reader a consistent
+//! snapshot across processes without blocking the writer, and a commit is one
+//! atomic, fsync'd append to the log, which is exactly the "a model becomes
+//! visible only when complete and durable" rule. A single-process database
+//! would force every import through the mount daemon.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::recipe::{self, Hash, ObjectId, Segment};
+
+/// Version of the catalog schema written to `meta.schema_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    id    INTEGER PRIMARY KEY,
+    size  INTEGER NOT NULL,
+    whole INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contents (
+    id           INTEGER PRIMARY KEY,
+    hash         BLOB NOT NULL UNIQUE,
+    size         INTEGER NOT NULL,
+    whole_object INTEGER REFERENCES objects(id),
+    format       TEXT,
+    recipe       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    hash   BLOB PRIMARY KEY,
+    object INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS models (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    imported_at   INTEGER NOT NULL,
+    source        TEXT NOT NULL,
+    file_count    INTEGER NOT NULL,
+    logical_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    model   INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    path    TEXT NOT NULL,
+    kind    INTEGER NOT NULL,
+    content INTEGER REFERENCES contents(id),
+    mode    INTEGER NOT NULL,
+    PRIMARY KEY (model, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_content ON entries(content);
+"#;
+
+/// Entry kinds in `entries.kind`.
+pub const KIND_FILE: i64 = 0;
+pub const KIND_DIR: i64 = 1;
+
+pub struct Catalog {
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
+}
+
+/// A model as listed by `ls`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    pub files: u64,
+    pub logical_bytes: u64,
+    /// Import time, nanoseconds since the Unix epoch.
+    pub imported_at_ns: i64,
+    pub source: String,
+}
+
+/// A file or directory inside a model.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub path: String,
+    pub is_dir: bool,
+    pub content: Option<i64>,
+    pub mode: u32,
+}
+
+/// A distinct file content.
+#[derive(Debug, Clone)]
+pub struct ContentInfo {
+    pub id: i64,
+    pub hash: Hash,
+    pub size: u64,
+    /// Set when an object file exists that is byte-identical to this content.
+    pub whole_object: Option<ObjectId>,
+    pub format: Option<String>,
+    pub segments: Vec<Segment>,
+}
+
+impl Catalog {
+    /// Open (creating if asked) the catalog at `path`.
+    pub fn open(path: &Path, create: bool) -> Result<Catalog> {
+        let flags = if create {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Catalog {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let cat = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
+        cat.setup(create)?;
+        Ok(cat)
+    }
+
+    fn setup(&self, create: bool) -> Result<()> {
+        // FULL: a commit is fsync'd before it returns, so a model reported as
+        // imported survives power loss. WAL: readers in other processes keep
+        // reading a consistent snapshot while an import commits.
+        self.sql(|c| {
+            c.busy_timeout(std::time::Duration::from_secs(30))?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "FULL")?;
+            c.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(())
+        })?;
+        if create {
+            self.sql(|c| {
+                c.execute_batch(SCHEMA)?;
+                c.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+                Ok(())
+            })?;
+        }
+        let version: Option<String> = self.sql(|c| {
+            c.query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        match version.as_deref() {
+            Some(v) if v == SCHEMA_VERSION.to_string() => Ok(()),
+            Some(v) => Err(Error::NotAStore {
+                path: self.path.clone(),
+                reason: format!("catalog schema version {v}, this modelfs reads {SCHEMA_VERSION}"),
+            }),
+            None => Err(Error::NotAStore {
+                path: self.path.clone(),
+                reason: "catalog has no schema version".into(),
+            }),
+        }
+    }
+
+    /// Run a rusqlite call, naming the catalog file in any error.
+    pub(crate) fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        f(&self.conn).map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
+        Error::Catalog {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    pub fn models(&self) -> Result<Vec<ModelInfo>> {
+        self.sql(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, file_count, logical_bytes, imported_at, source
+                 FROM models ORDER BY name",
+            )?;
+            let rows = st.query_map([], row_to_model)?;
+            rows.collect()
+        })
+    }
+
+    pub fn model(&self, name: &str) -> Result<Option<ModelInfo>> {
+        self.sql(|c| {
+            c.prepare_cached(
+                "SELECT id, name, file_count, logical_bytes, imported_at, source
+                 FROM models WHERE name = ?1",
+            )?
+            .query_row([name], row_to_model)
+            .optional()
+        })
+    }
+
+    pub fn entries(&self, model_id: i64) -> Result<Vec<EntryInfo>> {
+        self.sql(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT path, kind, content, mode FROM entries WHERE model = ?1 ORDER BY path",
+            )?;
+            let rows = st.query_map([model_id], row_to_entry)?;
+            rows.collect()
+        })
+    }
+
+    pub fn entry(&self, model_id: i64, path: &str) -> Result<Option<EntryInfo>> {
+        self.sql(|c| {
+            c.prepare_cached(
+                "SELECT path, kind, content, mode FROM entries WHERE model = ?1 AND path = ?2",
+            )?
+            .query_row(params![model_id, path], row_to_entry)
+            .optional()
+        })
+    }
+
+    pub fn content(&self, id: i64) -> Result<ContentInfo> {
+        let row = self.sql(|c| {
+            c.prepare_cached(
+                "SELECT id, hash, size, whole_object, format, recipe FROM contents WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                ))
+            })
+        })?;
+        self.content_from_row(row)
+    }
+
+    /// Every content row, decoded. Used by gc, du and verify, which need them all.
+    pub fn all_contents(&self) -> Result<Vec<ContentInfo>> {
+        let rows = self.sql(|c| {
+            let mut st = c.prepare(
+                "SELECT id, hash, size, whole_object, format, recipe FROM contents ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter().map(|r| self.content_from_row(r)).collect()
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn content_from_row(
+        &self,
+        (id, hash, size, whole, format, blob): (i64, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>),
+    ) -> Result<ContentInfo> {
+        let corrupt = |what: &str| {
+            Error::Corrupt(format!(
+                "catalog {}: content {id} has {what}",
+                self.path.display()
+            ))
+        };
+        let hash = Hash::from_slice(&hash).ok_or_else(|| corrupt("a malformed hash"))?;
+        let segments = recipe::decode(&blob).ok_or_else(|| corrupt("a malformed recipe"))?;
+        Ok(ContentInfo {
+            id,
+            hash,
+            size: u64::try_from(size).map_err(|_| corrupt("a negative size"))?,
+            whole_object: whole.map(|w| w as u64),
+            format,
+            segments,
+        })
+    }
+
+    pub fn content_by_hash(&self, hash: &Hash) -> Result<Option<i64>> {
+        self.sql(|c| {
+            c.prepare_cached("SELECT id FROM contents WHERE hash = ?1")?
+                .query_row([&hash.0[..]], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    /// Where an already-stored chunk lives, if it is stored.
+    pub fn chunk(&self, hash: &Hash) -> Result<Option<(ObjectId, u64)>> {
+        self.sql(|c| {
+            c.prepare_cached("SELECT object, offset FROM chunks WHERE hash = ?1")?
+                .query_row([&hash.0[..]], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })
+                .optional()
+        })
+    }
+
+    /// (model name, file path) of every entry that uses a content.
+    pub fn users_of_content(&self, content: i64) -> Result<Vec<(String, String)>> {
+        self.sql(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT m.name, e.path FROM entries e JOIN models m ON m.id = e.model
+                 WHERE e.content = ?1 ORDER BY m.name, e.path",
+            )?;
+            let rows = st.query_map([content], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// (object id, recorded size) of every object the catalog knows.
+    pub fn objects(&self) -> Result<Vec<(ObjectId, u64)>> {
+        self.sql(|c| {
+            let mut st = c.prepare("SELECT id, size FROM objects ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    /// (model id, content id) for every file entry: who references what.
+    pub fn file_references(&self) -> Result<Vec<(i64, i64)>> {
+        self.sql(|c| {
+            let mut st =
+                c.prepare("SELECT model, content FROM entries WHERE content IS NOT NULL")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+}
+
+fn row_to_model(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelInfo> {
+    Ok(ModelInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        files: r.get::<_, i64>(2)? as u64,
+        logical_bytes: r.get::<_, i64>(3)? as u64,
+        imported_at_ns: r.get(4)?,
+        source: r.get(5)?,
+    })
+}
+
+fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntryInfo> {
+    Ok(EntryInfo {
+        path: r.get(0)?,
+        is_dir: r.get::<_, i64>(1)? == KIND_DIR,
+        content: r.get(2)?,
+        mode: r.get::<_, i64>(3)? as u32,
+    })
+}

@@ -1,0 +1,806 @@
+//! Importing a model: walk a directory (or one file, or a Hugging Face cache
+//! snapshot), cut every file into chunks, store the chunks nobody has yet,
+//! then publish the model in one catalog transaction.
+//!
+//! Crash safety comes from ordering, not from cleanup: object files are
+//! written and fsync'd first, under names no committed catalog row points to;
+//! the catalog commit (fsync'd WAL append) is the single instant the model
+//! becomes visible. A kill before it leaves only unreferenced object files,
+//! which `gc` deletes.
+//!
+//! Throughput: a reader thread fills 16 MiB batches while the previous batch
+//! is hashed on all cores (chunk hashes and the whole-file hash in parallel)
+//! and its new chunks are appended to the object file.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use modelfs_formats::TensorSpan;
+use rayon::prelude::*;
+use rusqlite::params;
+
+use crate::catalog::{KIND_DIR, KIND_FILE};
+use crate::chunker::{self, Region, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
+use crate::error::{Error, IoContext, Result};
+use crate::names::{check_relative_path, is_ancestor, validate_model_name};
+use crate::recipe::{self, Hash, ObjectId, Segment};
+use crate::{fsync_dir, Store};
+
+/// Bytes read per batch. Large enough that per-batch overheads (channel hops,
+/// rayon joins, one write per run of new chunks) vanish next to hashing.
+const BATCH_BYTES: usize = 16 << 20;
+/// Start writeback of an object every this many bytes, so the fsync at the
+/// end of a large file finds little left to write.
+const WRITE_BEHIND: u64 = 64 << 20;
+
+pub struct ImportOptions {
+    /// Model name; validated by [`validate_model_name`].
+    pub name: String,
+    /// Replace an existing model of the same name instead of failing.
+    pub replace: bool,
+    /// Follow symlinks that point outside the imported tree.
+    pub follow_symlinks: bool,
+}
+
+/// Callbacks for a progress display. All methods default to doing nothing.
+pub trait ImportProgress: Sync {
+    fn begin(&self, _files: u64, _bytes: u64) {}
+    fn file(&self, _path: &str) {}
+    fn advance(&self, _bytes: u64) {}
+    fn warn(&self, _message: &str) {}
+    fn waiting_for_lock(&self) {}
+}
+
+pub struct NoProgress;
+impl ImportProgress for NoProgress {}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImportSummary {
+    pub name: String,
+    pub files: u64,
+    pub logical_bytes: u64,
+    /// Bytes written to new object files (what the store grew by).
+    pub new_bytes: u64,
+    pub seconds: f64,
+    /// Files stored as whole-file objects.
+    pub whole_files: u64,
+    /// Files stored as recipes over existing chunks.
+    pub recipe_files: u64,
+    /// Files identical to content already stored.
+    pub identical_files: u64,
+    pub warnings: Vec<String>,
+}
+
+/// The name a model gets when `--name` is not given: `org/name` for a Hugging
+/// Face cache repo or snapshot, the directory name for a directory, the file
+/// stem for a single file.
+pub fn default_model_name(source: &Path) -> Option<String> {
+    let abs = std::fs::canonicalize(source).ok()?;
+    if let Some(repo) = hf_repo_dir(&abs) {
+        let dir_name = repo.file_name()?.to_str()?;
+        let rest = dir_name.split_once("--")?.1;
+        return Some(rest.replace("--", "/"));
+    }
+    if abs.is_file() {
+        return Some(abs.file_stem()?.to_str()?.to_string());
+    }
+    Some(abs.file_name()?.to_str()?.to_string())
+}
+
+/// If `dir` is a Hugging Face cache repo (`models--org--name`) or one of its
+/// snapshots, the repo directory.
+fn hf_repo_dir(dir: &Path) -> Option<PathBuf> {
+    let is_repo = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| ["models--", "datasets--", "spaces--"].iter().any(|k| n.starts_with(k)))
+            && p.join("snapshots").is_dir()
+    };
+    if is_repo(dir) {
+        return Some(dir.to_path_buf());
+    }
+    let parent = dir.parent()?;
+    if parent.file_name()? == "snapshots" {
+        let repo = parent.parent()?;
+        if is_repo(repo) {
+            return Some(repo.to_path_buf());
+        }
+    }
+    None
+}
+
+/// A Hugging Face cache repo directory stands for its `refs/main` snapshot.
+fn resolve_hf_repo(abs: &Path) -> Result<PathBuf> {
+    if !(abs.is_dir() && hf_repo_dir(abs).as_deref() == Some(abs)) {
+        return Ok(abs.to_path_buf());
+    }
+    let refs = abs.join("refs/main");
+    let rev = std::fs::read_to_string(&refs).at(&refs)?;
+    let snap = abs.join("snapshots").join(rev.trim());
+    if !snap.is_dir() {
+        return Err(Error::InvalidInput {
+            path: snap,
+            reason: "refs/main names a snapshot that does not exist".into(),
+        });
+    }
+    Ok(snap)
+}
+
+struct SourceFile {
+    rel: String,
+    abs: PathBuf,
+    size: u64,
+    executable: bool,
+}
+
+struct SourceTree {
+    files: Vec<SourceFile>,
+    dirs: Vec<String>,
+}
+
+/// List the files to import, applying the symlink policy: links are followed
+/// only when their target stays inside the imported tree (or, for a Hugging
+/// Face snapshot, inside its repo's `blobs/`), unless `follow_symlinks`.
+fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
+    let root = std::fs::canonicalize(source).at(source)?;
+    let root = resolve_hf_repo(&root)?;
+    let mut allowed = vec![root.clone()];
+    if let Some(repo) = hf_repo_dir(&root) {
+        allowed.push(repo);
+    }
+    let meta = std::fs::metadata(&root).at(&root)?;
+    let mut tree = SourceTree {
+        files: Vec::new(),
+        dirs: Vec::new(),
+    };
+    if meta.is_file() {
+        let name = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::InvalidInput {
+                path: root.clone(),
+                reason: "file name is not valid UTF-8".into(),
+            })?;
+        tree.files.push(SourceFile {
+            rel: name.to_string(),
+            abs: root.clone(),
+            size: meta.len(),
+            executable: meta.mode() & 0o111 != 0,
+        });
+        return Ok(tree);
+    }
+    if !meta.is_dir() {
+        return Err(Error::InvalidInput {
+            path: root,
+            reason: "not a regular file or directory".into(),
+        });
+    }
+    let mut visited = HashSet::new();
+    visited.insert((meta.dev(), meta.ino()));
+    let mut stack = vec![(root.clone(), String::new())];
+    while let Some((dir, rel_dir)) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .at(&dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .at(&dir)?;
+        names.sort();
+        for name in names {
+            let abs = dir.join(&name);
+            let name = name.to_str().ok_or_else(|| Error::InvalidInput {
+                path: abs.clone(),
+                reason: "file name is not valid UTF-8".into(),
+            })?;
+            let rel = if rel_dir.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel_dir}/{name}")
+            };
+            check_relative_path(&rel).map_err(|reason| Error::InvalidInput {
+                path: abs.clone(),
+                reason: format!("unusable file name: {reason}"),
+            })?;
+            let lmeta = std::fs::symlink_metadata(&abs).at(&abs)?;
+            let (target, meta) = if lmeta.file_type().is_symlink() {
+                let target = std::fs::canonicalize(&abs).map_err(|e| Error::InvalidInput {
+                    path: abs.clone(),
+                    reason: format!("broken symlink ({e})"),
+                })?;
+                if !follow_symlinks && !allowed.iter().any(|a| target.starts_with(a)) {
+                    return Err(Error::InvalidInput {
+                        path: abs.clone(),
+                        reason: format!(
+                            "symlink points outside the imported tree (to {}); pass --follow-symlinks to import it",
+                            target.display()
+                        ),
+                    });
+                }
+                let meta = std::fs::metadata(&target).at(&target)?;
+                (target, meta)
+            } else {
+                (abs.clone(), lmeta)
+            };
+            if meta.is_dir() {
+                if !visited.insert((meta.dev(), meta.ino())) {
+                    return Err(Error::InvalidInput {
+                        path: abs,
+                        reason: "directory reached twice (symlink loop?)".into(),
+                    });
+                }
+                tree.dirs.push(rel.clone());
+                stack.push((target, rel));
+            } else if meta.is_file() {
+                tree.files.push(SourceFile {
+                    rel,
+                    abs: target,
+                    size: meta.len(),
+                    executable: meta.mode() & 0o111 != 0,
+                });
+            } else {
+                return Err(Error::InvalidInput {
+                    path: abs,
+                    reason: "not a regular file or directory (device, FIFO or socket)".into(),
+                });
+            }
+        }
+    }
+    tree.files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    tree.dirs.sort();
+    Ok(tree)
+}
+
+/// For every ONNX model in the tree, the tensor spans it declares in external
+/// data files, keyed by the data file's path in the model.
+fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
+    let mut out: HashMap<String, Vec<TensorSpan>> = HashMap::new();
+    for f in tree.files.iter().filter(|f| f.rel.ends_with(".onnx")) {
+        let Ok(file) = File::open(&f.abs) else { continue };
+        let Ok(Some(layout)) = modelfs_formats::layout(&f.rel, &file) else { continue };
+        let dir = Path::new(&f.rel).parent().unwrap_or(Path::new(""));
+        for ext in layout.external {
+            let joined = dir.join(&ext.location);
+            // Only plain relative locations inside the model are honoured.
+            if joined.components().any(|c| !matches!(c, Component::Normal(_))) {
+                continue;
+            }
+            if let Some(rel) = joined.to_str() {
+                out.entry(rel.to_string()).or_default().push(TensorSpan {
+                    offset: ext.offset,
+                    len: ext.len,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A batch of consecutive chunks of one file, read into one buffer.
+struct Batch {
+    file_offset: u64,
+    data: Vec<u8>,
+    /// (offset in `data`, length) of each chunk, in file order.
+    chunks: Vec<(usize, usize)>,
+}
+
+/// Read a file region by region into batches, cutting chunks as it goes.
+fn produce(
+    file: &File,
+    regions: &[Region],
+    tx: &mpsc::SyncSender<io::Result<Batch>>,
+    recycled: &mpsc::Receiver<Batch>,
+) -> io::Result<()> {
+    let fresh = |file_offset: u64| {
+        let mut b = recycled.try_recv().unwrap_or_else(|_| Batch {
+            file_offset: 0,
+            data: Vec::with_capacity(BATCH_BYTES),
+            chunks: Vec::new(),
+        });
+        b.file_offset = file_offset;
+        b.data.clear();
+        b.chunks.clear();
+        b
+    };
+    let send = |b: Batch| {
+        tx.send(Ok(b))
+            .map_err(|_| io::Error::other("import stopped"))
+    };
+    let mut batch = fresh(0);
+    for region in regions {
+        match *region {
+            Region::Tensor { offset, len } => {
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end {
+                    if BATCH_BYTES - batch.data.len() < TENSOR_PIECE as usize && !batch.chunks.is_empty() {
+                        let next = fresh(pos);
+                        send(std::mem::replace(&mut batch, next))?;
+                    }
+                    let room = (BATCH_BYTES - batch.data.len()) as u64;
+                    let n = (end - pos).min((room / TENSOR_PIECE).max(1) * TENSOR_PIECE);
+                    let start = batch.data.len();
+                    batch.data.resize(start + n as usize, 0);
+                    file.read_exact_at(&mut batch.data[start..], pos)?;
+                    let mut piece = 0;
+                    while piece < n {
+                        let l = TENSOR_PIECE.min(n - piece);
+                        batch.chunks.push((start + piece as usize, l as usize));
+                        piece += l;
+                    }
+                    pos += n;
+                }
+            }
+            Region::Other { offset, len } => {
+                let reader = RangeReader {
+                    file,
+                    pos: offset,
+                    end: offset + len,
+                };
+                for chunk in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
+                    let chunk = chunk.map_err(|e| match e {
+                        fastcdc::v2020::Error::IoError(e) => e,
+                        other => io::Error::other(other.to_string()),
+                    })?;
+                    if batch.data.len() + chunk.length > BATCH_BYTES && !batch.chunks.is_empty() {
+                        let next = fresh(offset + chunk.offset);
+                        send(std::mem::replace(&mut batch, next))?;
+                    }
+                    batch.chunks.push((batch.data.len(), chunk.length));
+                    batch.data.extend_from_slice(&chunk.data);
+                }
+            }
+        }
+    }
+    if !batch.chunks.is_empty() {
+        send(batch)?;
+    }
+    Ok(())
+}
+
+/// `Read` over a byte range of a file, by positioned reads.
+struct RangeReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being imported",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The object file a file's new chunks are appended to.
+struct ObjectWriter {
+    id: ObjectId,
+    path: PathBuf,
+    file: File,
+    /// Bytes assigned to chunks so far (written or about to be).
+    assigned: u64,
+    written: u64,
+    writeback_started: u64,
+}
+
+impl ObjectWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes).at(&self.path)?;
+        self.written += bytes.len() as u64;
+        if self.written - self.writeback_started >= WRITE_BEHIND {
+            // SAFETY: sync_file_range on our own descriptor; it only starts I/O.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    self.writeback_started as i64,
+                    (self.written - self.writeback_started) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.writeback_started = self.written;
+        }
+        Ok(())
+    }
+}
+
+struct NewContent {
+    hash: Hash,
+    size: u64,
+    whole_object: Option<ObjectId>,
+    format: Option<String>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Copy)]
+enum ContentRef {
+    Existing(i64),
+    New(usize),
+}
+
+/// State of one import between the first byte read and the commit.
+struct Ingest<'s> {
+    store: &'s Store,
+    next_object: ObjectId,
+    pending_chunks: HashMap<Hash, (ObjectId, u64)>,
+    pending_contents: HashMap<Hash, usize>,
+    new_objects: Vec<(ObjectId, u64, bool)>,
+    new_contents: Vec<NewContent>,
+    /// Object files created by this import: deleted again if it fails.
+    created: Vec<PathBuf>,
+    object_dirs: BTreeSet<PathBuf>,
+    summary: ImportSummary,
+}
+
+impl Ingest<'_> {
+    fn lookup_chunk(&self, hash: &Hash) -> Result<Option<(ObjectId, u64)>> {
+        if let Some(loc) = self.pending_chunks.get(hash) {
+            return Ok(Some(*loc));
+        }
+        self.store.catalog().chunk(hash)
+    }
+
+    fn new_object(&mut self) -> Result<ObjectWriter> {
+        let id = self.next_object;
+        self.next_object += 1;
+        let path = self.store.object_path(id);
+        let dir = path.parent().expect("object path has a parent").to_path_buf();
+        if self.object_dirs.insert(dir.clone()) {
+            std::fs::create_dir_all(&dir).at(&dir)?;
+        }
+        // Truncate: a file of this id can only be left over from an import
+        // that died before committing, so nothing refers to it.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&path)
+            .at(&path)?;
+        self.created.push(path.clone());
+        Ok(ObjectWriter {
+            id,
+            path,
+            file,
+            assigned: 0,
+            written: 0,
+            writeback_started: 0,
+        })
+    }
+
+    fn ingest_file(
+        &mut self,
+        src: &SourceFile,
+        extra_spans: &[TensorSpan],
+        progress: &dyn ImportProgress,
+    ) -> Result<ContentRef> {
+        let file = File::open(&src.abs).at(&src.abs)?;
+        let size = file.metadata().at(&src.abs)?.len();
+        // SAFETY: advisory call on our own descriptor.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+
+        let (format, mut spans) = match modelfs_formats::layout(&src.rel, &file) {
+            Ok(Some(layout)) => (Some(format!("{:?}", layout.format).to_lowercase()), layout.tensors),
+            Ok(None) => (None, Vec::new()),
+            Err(e) => {
+                let msg = format!(
+                    "{}: could not parse as a model file ({e}); storing it with content-defined chunking",
+                    src.abs.display()
+                );
+                progress.warn(&msg);
+                self.summary.warnings.push(msg);
+                (None, Vec::new())
+            }
+        };
+        spans.extend_from_slice(extra_spans);
+        let regions = chunker::regions(size, &spans);
+
+        let mut whole = blake3::Hasher::new();
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut object: Option<ObjectWriter> = None;
+        let mut saw_duplicate = false;
+        let mut consumed = 0u64;
+
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Batch>>(2);
+        let (recycle_tx, recycle_rx) = mpsc::channel::<Batch>();
+        let result: Result<()> = std::thread::scope(|scope| {
+            let file = &file;
+            let regions = &regions;
+            let producer = scope.spawn(move || {
+                if let Err(e) = produce(file, regions, &tx, &recycle_rx) {
+                    let _ = tx.send(Err(e));
+                }
+                drop(tx);
+            });
+            let outcome = (|| -> Result<()> {
+                for batch in &rx {
+                    let batch = batch.at(&src.abs)?;
+                    let (hashes, ()) = rayon::join(
+                        || {
+                            batch
+                                .chunks
+                                .par_iter()
+                                .map(|&(off, len)| Hash::of(&batch.data[off..off + len]))
+                                .collect::<Vec<_>>()
+                        },
+                        || {
+                            whole.update_rayon(&batch.data);
+                        },
+                    );
+                    // Runs of consecutive new chunks are written with one call.
+                    let mut run: Option<(usize, usize)> = None;
+                    for (&(off, len), hash) in batch.chunks.iter().zip(hashes) {
+                        if let Some((obj, obj_off)) = self.lookup_chunk(&hash)? {
+                            saw_duplicate = true;
+                            if let Some((s, e)) = run.take() {
+                                object.as_mut().expect("run implies object").write(&batch.data[s..e])?;
+                            }
+                            segments.push(Segment { hash, object: obj, object_offset: obj_off, len: len as u32 });
+                        } else {
+                            if object.is_none() {
+                                object = Some(self.new_object()?);
+                            }
+                            let w = object.as_mut().expect("just created");
+                            let obj_off = w.assigned;
+                            w.assigned += len as u64;
+                            self.pending_chunks.insert(hash, (w.id, obj_off));
+                            segments.push(Segment { hash, object: w.id, object_offset: obj_off, len: len as u32 });
+                            run = Some(match run {
+                                Some((s, _)) => (s, off + len),
+                                None => (off, off + len),
+                            });
+                        }
+                    }
+                    if let Some((s, e)) = run {
+                        object.as_mut().expect("run implies object").write(&batch.data[s..e])?;
+                    }
+                    consumed += batch.data.len() as u64;
+                    progress.advance(batch.data.len() as u64);
+                    let _ = recycle_tx.send(batch);
+                }
+                Ok(())
+            })();
+            drop(rx);
+            producer.join().expect("reader thread panicked");
+            outcome
+        });
+        result?;
+        if consumed != size {
+            return Err(Error::InvalidInput {
+                path: src.abs.clone(),
+                reason: format!("file changed size while being imported ({size} -> {consumed} bytes)"),
+            });
+        }
+
+        let hash = Hash::from(whole.finalize());
+        let existing = match self.pending_contents.get(&hash) {
+            Some(&i) => Some(ContentRef::New(i)),
+            None => self.store.catalog().content_by_hash(&hash)?.map(ContentRef::Existing),
+        };
+        if let Some(existing) = existing {
+            // Identical to a stored file: keep nothing of this pass.
+            if let Some(w) = object {
+                self.pending_chunks.retain(|_, (o, _)| *o != w.id);
+                drop(w.file);
+                std::fs::remove_file(&w.path).at(&w.path)?;
+                self.created.retain(|p| p != &w.path);
+            }
+            self.summary.identical_files += 1;
+            return Ok(existing);
+        }
+
+        let whole_object = match object {
+            Some(mut w) => {
+                w.file.flush().at(&w.path)?;
+                w.file.sync_all().at(&w.path)?;
+                debug_assert_eq!(w.written, w.assigned);
+                self.summary.new_bytes += w.written;
+                self.new_objects.push((w.id, w.written, !saw_duplicate));
+                (!saw_duplicate).then_some(w.id)
+            }
+            None => None,
+        };
+        if whole_object.is_some() {
+            self.summary.whole_files += 1;
+        } else {
+            self.summary.recipe_files += 1;
+        }
+        self.new_contents.push(NewContent {
+            hash,
+            size,
+            whole_object,
+            format,
+            segments,
+        });
+        self.pending_contents.insert(hash, self.new_contents.len() - 1);
+        Ok(ContentRef::New(self.new_contents.len() - 1))
+    }
+}
+
+impl Store {
+    /// Import `source` as model `opts.name`. On error nothing becomes visible
+    /// and objects written so far are removed (or left for `gc` if even that fails).
+    pub fn import(
+        &mut self,
+        source: &Path,
+        opts: &ImportOptions,
+        progress: &dyn ImportProgress,
+    ) -> Result<ImportSummary> {
+        let started = Instant::now();
+        validate_model_name(&opts.name)?;
+        let tree = walk(source, opts.follow_symlinks)?;
+        let _lock = self.lock_writer(|| progress.waiting_for_lock())?;
+        self.check_name_free(&opts.name, opts.replace)?;
+
+        let logical: u64 = tree.files.iter().map(|f| f.size).sum();
+        progress.begin(tree.files.len() as u64, logical);
+        let external = onnx_external_spans(&tree);
+        let next_object = self
+            .catalog()
+            .sql(|c| c.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM objects", [], |r| r.get::<_, i64>(0)))?
+            as u64;
+        let mut ingest = Ingest {
+            store: self,
+            next_object,
+            pending_chunks: HashMap::new(),
+            pending_contents: HashMap::new(),
+            new_objects: Vec::new(),
+            new_contents: Vec::new(),
+            created: Vec::new(),
+            object_dirs: BTreeSet::new(),
+            summary: ImportSummary {
+                name: opts.name.clone(),
+                files: tree.files.len() as u64,
+                logical_bytes: logical,
+                new_bytes: 0,
+                seconds: 0.0,
+                whole_files: 0,
+                recipe_files: 0,
+                identical_files: 0,
+                warnings: Vec::new(),
+            },
+        };
+        let mut refs = Vec::with_capacity(tree.files.len());
+        let mut outcome = Ok(());
+        for f in &tree.files {
+            progress.file(&f.rel);
+            let extra = external.get(&f.rel).map(Vec::as_slice).unwrap_or(&[]);
+            match ingest.ingest_file(f, extra, progress) {
+                Ok(r) => refs.push(r),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        let outcome = outcome.and_then(|()| {
+            for dir in &ingest.object_dirs {
+                fsync_dir(dir)?;
+            }
+            if !ingest.object_dirs.is_empty() {
+                fsync_dir(&self.root().join(crate::OBJECTS_DIR))?;
+            }
+            self.commit(&ingest, &tree, &refs, source, opts)
+        });
+        if let Err(e) = outcome {
+            for p in &ingest.created {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        let mut summary = ingest.summary;
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    fn check_name_free(&self, name: &str, replace: bool) -> Result<()> {
+        for m in self.models()? {
+            if m.name == name && !replace {
+                return Err(Error::ModelExists(name.to_string()));
+            }
+            if is_ancestor(&m.name, name) || is_ancestor(name, &m.name) {
+                return Err(Error::InvalidName {
+                    name: name.to_string(),
+                    reason: format!(
+                        "it would nest with model {:?} (a model's directory cannot contain another model)",
+                        m.name
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(
+        &self,
+        ingest: &Ingest<'_>,
+        tree: &SourceTree,
+        refs: &[ContentRef],
+        source: &Path,
+        opts: &ImportOptions,
+    ) -> Result<()> {
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let source = std::fs::canonicalize(source)
+            .unwrap_or_else(|_| source.to_path_buf())
+            .to_string_lossy()
+            .into_owned();
+        let catalog = self.catalog();
+        let tx = catalog.conn.unchecked_transaction().map_err(|e| catalog.err(e))?;
+        let run = || -> rusqlite::Result<()> {
+            if opts.replace {
+                tx.execute("DELETE FROM models WHERE name = ?1", [&opts.name])?;
+            }
+            {
+                let mut ins = tx.prepare("INSERT INTO objects(id, size, whole) VALUES (?1, ?2, ?3)")?;
+                for &(id, size, whole) in &ingest.new_objects {
+                    ins.execute(params![id as i64, size as i64, whole])?;
+                }
+            }
+            let mut content_ids = Vec::with_capacity(ingest.new_contents.len());
+            {
+                let mut ins = tx.prepare(
+                    "INSERT INTO contents(hash, size, whole_object, format, recipe) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                let mut chunk = tx.prepare(
+                    "INSERT OR IGNORE INTO chunks(hash, object, offset, length) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for c in &ingest.new_contents {
+                    ins.execute(params![
+                        &c.hash.0[..],
+                        c.size as i64,
+                        c.whole_object.map(|o| o as i64),
+                        c.format,
+                        recipe::encode(&c.segments)
+                    ])?;
+                    content_ids.push(tx.last_insert_rowid());
+                    for s in &c.segments {
+                        // Only chunks this import stored enter the index; the
+                        // rest are in it already.
+                        if ingest.pending_chunks.get(&s.hash) == Some(&(s.object, s.object_offset)) {
+                            chunk.execute(params![&s.hash.0[..], s.object as i64, s.object_offset as i64, s.len])?;
+                        }
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO models(name, imported_at, source, file_count, logical_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![opts.name, now_ns, source, tree.files.len() as i64, ingest.summary.logical_bytes as i64],
+            )?;
+            let model_id = tx.last_insert_rowid();
+            let mut ins = tx.prepare(
+                "INSERT INTO entries(model, path, kind, content, mode) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for d in &tree.dirs {
+                ins.execute(params![model_id, d, KIND_DIR, Option::<i64>::None, 0o555])?;
+            }
+            for (f, r) in tree.files.iter().zip(refs) {
+                let cid = match *r {
+                    ContentRef::Existing(id) => id,
+                    ContentRef::New(i) => content_ids[i],
+                };
+                let mode = if f.executable { 0o555 } else { 0o444 };
+                ins.execute(params![model_id, f.rel, KIND_FILE, cid, mode])?;
+            }
+            Ok(())
+        };
+        run().map_err(|e| catalog.err(e))?;
+        tx.commit().map_err(|e| catalog.err(e))
+    }
+}

@@ -1,0 +1,161 @@
+//! Reading a stored file back, every chunk checked against its hash.
+//!
+//! Used by `cat` and `verify` here, and by the mount's copy-mode reads later:
+//! whatever path bytes take out of the store, a damaged chunk is an error
+//! naming where it is, never wrong bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::catalog::ContentInfo;
+use crate::error::{Error, IoContext, Result};
+use crate::locks;
+use crate::recipe::{Hash, ObjectId};
+use crate::Store;
+
+pub struct FileReader {
+    content: ContentInfo,
+    /// File offset at which each segment starts.
+    starts: Vec<u64>,
+    objects: HashMap<ObjectId, (File, PathBuf)>,
+}
+
+impl FileReader {
+    pub(crate) fn open(store: &Store, content: ContentInfo) -> Result<FileReader> {
+        let mut objects = HashMap::new();
+        for s in &content.segments {
+            if objects.contains_key(&s.object) {
+                continue;
+            }
+            let path = store.object_path(s.object);
+            let file = File::open(&path).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Error::Corrupt(format!("object {} is missing", path.display()))
+                } else {
+                    Error::Io { path: path.clone(), source: e }
+                }
+            })?;
+            // Tell gc we use this object, so it does not punch holes in it.
+            locks::share_object(&file).at(&path)?;
+            objects.insert(s.object, (file, path));
+        }
+        let mut starts = Vec::with_capacity(content.segments.len());
+        let mut pos = 0u64;
+        for s in &content.segments {
+            starts.push(pos);
+            pos += u64::from(s.len);
+        }
+        if pos != content.size {
+            return Err(Error::Corrupt(format!(
+                "content {} has chunks adding up to {pos} bytes, not its size {}",
+                content.hash, content.size
+            )));
+        }
+        Ok(FileReader {
+            content,
+            starts,
+            objects,
+        })
+    }
+
+    pub fn content(&self) -> &ContentInfo {
+        &self.content
+    }
+
+    pub fn size(&self) -> u64 {
+        self.content.size
+    }
+
+    /// Read segment `i` into `buf` (resized to fit) and check its hash.
+    pub fn read_segment(&self, i: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let s = &self.content.segments[i];
+        let (file, path) = &self.objects[&s.object];
+        buf.resize(s.len as usize, 0);
+        file.read_exact_at(buf, s.object_offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Error::Corrupt(format!(
+                    "object {} is truncated (chunk at file offset {} needs bytes {}..{})",
+                    path.display(),
+                    self.starts[i],
+                    s.object_offset,
+                    s.object_offset + u64::from(s.len)
+                ))
+            } else {
+                Error::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        if Hash::of(buf) != s.hash {
+            return Err(Error::Corrupt(format!(
+                "chunk at file offset {} ({} bytes) does not match its hash (object {}, offset {})",
+                self.starts[i],
+                s.len,
+                path.display(),
+                s.object_offset
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copy the whole file to `out`, checking every chunk and the whole-file hash.
+    pub fn copy_to(&self, out: &mut dyn Write) -> Result<u64> {
+        let mut buf = Vec::new();
+        let mut whole = blake3::Hasher::new();
+        for i in 0..self.content.segments.len() {
+            self.read_segment(i, &mut buf)?;
+            whole.update(&buf);
+            out.write_all(&buf).at("<output>")?;
+        }
+        self.check_whole(whole)?;
+        Ok(self.content.size)
+    }
+
+    /// Check every chunk and the whole-file hash without copying anywhere.
+    pub fn verify(&self) -> Result<()> {
+        let mut buf = Vec::new();
+        let mut whole = blake3::Hasher::new();
+        for i in 0..self.content.segments.len() {
+            self.read_segment(i, &mut buf)?;
+            whole.update(&buf);
+        }
+        self.check_whole(whole)
+    }
+
+    fn check_whole(&self, whole: blake3::Hasher) -> Result<()> {
+        if Hash::from(whole.finalize()) != self.content.hash {
+            return Err(Error::Corrupt(format!(
+                "reassembled file does not match its hash {} (the recipe is damaged)",
+                self.content.hash
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read up to `buf.len()` bytes at `offset`; every chunk touched is checked.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.content.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let mut i = match self.starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i - 1,
+        };
+        let mut done = 0usize;
+        let mut seg = Vec::new();
+        while done < buf.len() && i < self.content.segments.len() {
+            self.read_segment(i, &mut seg)?;
+            let pos = offset + done as u64;
+            let from = (pos - self.starts[i]) as usize;
+            let n = (seg.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&seg[from..from + n]);
+            done += n;
+            i += 1;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,104 @@
+//! How a stored file is reassembled: a list of chunk references.
+//!
+//! Every content (distinct file) has a recipe, also a whole-file object: the
+//! recipe is what copy-mode reads and `verify` use to check bytes chunk by
+//! chunk, and what `du` uses to tell shared bytes from unique ones.
+
+use std::fmt;
+
+/// A blake3 digest. Chunks and whole files are both named by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Hash> {
+        Some(Hash(bytes.try_into().ok()?))
+    }
+}
+
+impl From<blake3::Hash> for Hash {
+    fn from(h: blake3::Hash) -> Hash {
+        Hash(*h.as_bytes())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Identifier of an object file (`objects/<id & 0xff>/<id>`).
+pub type ObjectId = u64;
+
+/// One chunk of a file: its hash and where its bytes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub hash: Hash,
+    pub object: ObjectId,
+    pub object_offset: u64,
+    pub len: u32,
+}
+
+/// Size in bytes of one encoded segment: hash, object id, offset, length.
+pub const SEGMENT_BYTES: usize = 32 + 8 + 8 + 4;
+
+/// Encode segments as the catalog's `contents.recipe` blob (see docs/store-format.md).
+pub fn encode(segments: &[Segment]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(segments.len() * SEGMENT_BYTES);
+    for s in segments {
+        out.extend_from_slice(&s.hash.0);
+        out.extend_from_slice(&s.object.to_le_bytes());
+        out.extend_from_slice(&s.object_offset.to_le_bytes());
+        out.extend_from_slice(&s.len.to_le_bytes());
+    }
+    out
+}
+
+/// Decode a recipe blob; `None` if its length is not a whole number of segments.
+pub fn decode(blob: &[u8]) -> Option<Vec<Segment>> {
+    if blob.len() % SEGMENT_BYTES != 0 {
+        return None;
+    }
+    let segments = blob
+        .chunks_exact(SEGMENT_BYTES)
+        .map(|r| Segment {
+            hash: Hash(r[0..32].try_into().expect("32 bytes")),
+            object: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+            object_offset: u64::from_le_bytes(r[40..48].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(r[48..52].try_into().expect("4 bytes")),
+        })
+        .collect();
+    Some(segments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_round_trips() {
+        let segs = vec![
+            Segment { hash: Hash::of(b"a"), object: 7, object_offset: 0, len: 10 },
+            Segment { hash: Hash::of(b"b"), object: u64::MAX, object_offset: 1 << 40, len: u32::MAX },
+        ];
+        let blob = encode(&segs);
+        assert_eq!(blob.len(), 2 * SEGMENT_BYTES);
+        assert_eq!(decode(&blob).unwrap(), segs);
+        assert!(decode(&blob[..blob.len() - 1]).is_none());
+    }
+}

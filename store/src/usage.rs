@@ -1,0 +1,127 @@
+//! `du`: what the models cost and what deduplication saves.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+
+use crate::error::Result;
+use crate::recipe::Hash;
+use crate::{Store, CATALOG_FILE, OBJECTS_DIR};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelUsage {
+    pub name: String,
+    pub files: u64,
+    /// Sum of the sizes of the model's files.
+    pub logical_bytes: u64,
+    /// Bytes of chunks no other model references (freed by removing this model).
+    pub unique_bytes: u64,
+    /// Bytes of chunks this model shares with at least one other model.
+    pub shared_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Usage {
+    /// Sum of all models' file sizes: what plain copies would occupy.
+    pub logical_bytes: u64,
+    /// Disk space allocated to the object files the catalog references.
+    pub stored_bytes: u64,
+    /// Sum of distinct referenced chunk sizes (stored bytes before block rounding and garbage).
+    pub chunk_bytes: u64,
+    /// Size of the catalog database and its write-ahead log.
+    pub metadata_bytes: u64,
+    /// Disk space of object files nothing references (reclaimed by `gc`).
+    pub unreferenced_bytes: u64,
+    /// logical_bytes / stored_bytes.
+    pub dedup_ratio: f64,
+    pub models: Vec<ModelUsage>,
+}
+
+impl Store {
+    pub fn usage(&self) -> Result<Usage> {
+        let models = self.models()?;
+        let mut users_of_content: HashMap<i64, HashSet<i64>> = HashMap::new();
+        for (model, content) in self.catalog().file_references()? {
+            users_of_content.entry(content).or_default().insert(model);
+        }
+        // For each chunk: its length and the models that reference it.
+        let mut chunk_models: HashMap<Hash, (u32, HashSet<i64>)> = HashMap::new();
+        for c in self.catalog().all_contents()? {
+            let Some(users) = users_of_content.get(&c.id) else { continue };
+            for s in &c.segments {
+                let e = chunk_models.entry(s.hash).or_insert_with(|| (s.len, HashSet::new()));
+                e.1.extend(users.iter().copied());
+            }
+        }
+        let mut unique: HashMap<i64, u64> = HashMap::new();
+        let mut shared: HashMap<i64, u64> = HashMap::new();
+        let mut chunk_bytes = 0u64;
+        for (len, users) in chunk_models.values() {
+            chunk_bytes += u64::from(*len);
+            let target = if users.len() == 1 { &mut unique } else { &mut shared };
+            for m in users {
+                *target.entry(*m).or_default() += u64::from(*len);
+            }
+        }
+
+        let known: HashSet<u64> = self.catalog().objects()?.into_iter().map(|(id, _)| id).collect();
+        let (mut stored, mut unreferenced) = (0u64, 0u64);
+        for (id, allocated) in self.object_files()? {
+            if known.contains(&id) {
+                stored += allocated;
+            } else {
+                unreferenced += allocated;
+            }
+        }
+        let metadata: u64 = [CATALOG_FILE.to_string(), format!("{CATALOG_FILE}-wal")]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.root().join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        let logical: u64 = models.iter().map(|m| m.logical_bytes).sum();
+        Ok(Usage {
+            logical_bytes: logical,
+            stored_bytes: stored,
+            chunk_bytes,
+            metadata_bytes: metadata,
+            unreferenced_bytes: unreferenced,
+            dedup_ratio: if stored == 0 { 1.0 } else { logical as f64 / stored as f64 },
+            models: models
+                .iter()
+                .map(|m| ModelUsage {
+                    name: m.name.clone(),
+                    files: m.files,
+                    logical_bytes: m.logical_bytes,
+                    unique_bytes: unique.get(&m.id).copied().unwrap_or(0),
+                    shared_bytes: shared.get(&m.id).copied().unwrap_or(0),
+                })
+                .collect(),
+        })
+    }
+
+    /// (object id, allocated bytes) of every object file on disk, referenced or not.
+    pub(crate) fn object_files(&self) -> Result<Vec<(u64, u64)>> {
+        use crate::error::IoContext;
+        let objects = self.root().join(OBJECTS_DIR);
+        let mut out = Vec::new();
+        for fan in std::fs::read_dir(&objects).at(&objects)? {
+            let fan = fan.at(&objects)?.path();
+            if !fan.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&fan).at(&fan)? {
+                let f = f.at(&fan)?;
+                let Some(id) = f
+                    .file_name()
+                    .to_str()
+                    .filter(|n| n.len() == 16)
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                else {
+                    continue;
+                };
+                let meta = f.metadata().at(f.path())?;
+                out.push((id, meta.blocks() * 512));
+            }
+        }
+        Ok(out)
+    }
+}
