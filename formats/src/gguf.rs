@@ -592,6 +592,35 @@ mod tests {
         ));
     }
 
+    /// The table against gguf-py's `GGML_QUANT_SIZES`, captured into
+    /// expected.json by make_fixtures.py.
+    #[test]
+    fn type_table_matches_gguf_py() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/expected.json");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let sizes = expected["ggml_quant_sizes"].as_object().expect("table");
+        assert!(sizes.len() >= 30);
+        for (ggml_type, size) in sizes {
+            let ggml_type: u32 = ggml_type.parse().expect("numeric type");
+            let oracle = (
+                size[0].as_u64().expect("block"),
+                size[1].as_u64().expect("bytes"),
+            );
+            if ggml_type == 9 {
+                // Known stale entry in gguf-py; see block_layout.
+                assert_eq!(oracle, (32, 40));
+                assert_eq!(block_layout(9), Some((32, 36)));
+            } else {
+                assert_eq!(
+                    block_layout(ggml_type),
+                    Some(oracle),
+                    "ggml type {ggml_type}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_truncation_is_an_error() {
         let (file, _) = Builder::new()

@@ -25,7 +25,9 @@ mod torch;
 use std::fmt;
 use std::io;
 
-/// Random-access byte source. Implemented for [u8], Vec<u8> and std::fs::File (via std::os::unix::fs::FileExt::read_exact_at).
+/// Random-access byte source. Implemented for `[u8]`, `Vec<u8>` and `std::fs::File` (via
+/// `std::os::unix::fs::FileExt::read_exact_at`), and for references to any source, so a
+/// `&[u8]` can be passed as `&dyn Source` by reference.
 ///
 /// Parsers only ever need a header and a few scattered structures, so they
 /// ask for exactly the bytes they need instead of streaming the whole file.
@@ -302,6 +304,16 @@ fn detect_with_archive<'a>(
             return Ok(Some(Detected::Other(Format::Gguf)));
         }
         if &magic == torch::LOCAL_HEADER_MAGIC {
+            // A zip named like a torch checkpoint is held to being one: if its
+            // directory does not parse (say, a truncated download) that is an
+            // error the importer reports, not a silent "unknown format".
+            if matches!(
+                extension(file_name).as_deref(),
+                Some("pt" | "pth" | "bin" | "ckpt")
+            ) {
+                let archive = torch::open(src)?;
+                return Ok(torch::is_checkpoint(&archive).then_some(Detected::Torch(archive)));
+            }
             return Ok(torch::open_checkpoint(src)?.map(Detected::Torch));
         }
     }

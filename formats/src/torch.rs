@@ -126,10 +126,14 @@ pub(crate) fn open_checkpoint(src: &dyn Source) -> Result<Option<Archive<'_>>, P
         Err(ParseError::Zip(zip::result::ZipError::Io(err))) => return Err(err.into()),
         Err(_) => return Ok(None),
     };
-    let has_pickle = archive
+    Ok(is_checkpoint(&archive).then_some(archive))
+}
+
+/// A zip is a torch checkpoint if it has a `data.pkl` entry.
+pub(crate) fn is_checkpoint(archive: &Archive<'_>) -> bool {
+    archive
         .file_names_raw()
-        .any(|name| last_component(name) == b"data.pkl");
-    Ok(has_pickle.then_some(archive))
+        .any(|name| last_component(name) == b"data.pkl")
 }
 
 pub(crate) fn tensor_spans(archive: &mut Archive<'_>) -> Result<Vec<TensorSpan>, ParseError> {

@@ -41,12 +41,14 @@ enum Command {
     /// Create an empty store (import also creates one on first use)
     Init,
     /// Import a model directory, a single file, or a Hugging Face cache snapshot
-    #[command(long_about = "Import a model directory, a single file, or a Hugging Face cache \
+    #[command(
+        long_about = "Import a model directory, a single file, or a Hugging Face cache \
 snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory itself, which means \
 its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
 zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
 does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
-Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/).")]
+Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/)."
+    )]
     Import {
         /// Directory or file to import
         path: PathBuf,
@@ -116,8 +118,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if e
-                .downcast_ref::<io::Error>()
+            if e.downcast_ref::<io::Error>()
                 .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
             {
                 return ExitCode::SUCCESS;
@@ -204,14 +205,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let reader = store.open_file(info.content_id)?;
             let stdout = io::stdout();
             let mut out = stdout.lock();
-            reader
-                .copy_to(&mut out)
-                .map_err(|e| match e {
-                    modelfs_store::Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => {
-                        anyhow::Error::new(source)
-                    }
-                    e => anyhow::Error::new(e).context(format!("{}/{}", model.name, info.path)),
-                })?;
+            reader.copy_to(&mut out).map_err(|e| match e {
+                modelfs_store::Error::Io { source, .. }
+                    if source.kind() == io::ErrorKind::BrokenPipe =>
+                {
+                    anyhow::Error::new(source)
+                }
+                e => anyhow::Error::new(e).context(format!("{}/{}", model.name, info.path)),
+            })?;
             out.flush()?;
         }
         Command::Du { json } => {
@@ -241,11 +242,13 @@ fn import(
     let name = match name {
         Some(n) => n,
         None => default_model_name(path).with_context(|| {
-            format!("{}: cannot derive a model name from this path; pass --name", path.display())
+            format!(
+                "{}: cannot derive a model name from this path; pass --name",
+                path.display()
+            )
         })?,
     };
-    let mut store =
-        Store::init(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    let mut store = Store::init(dir).with_context(|| format!("opening store {}", dir.display()))?;
     let progress = BarProgress::new();
     let summary = store
         .import(

@@ -35,8 +35,16 @@ pub fn models(models: &[ModelInfo], as_json: bool) -> Result<()> {
             .collect();
         return json(&list);
     }
-    let width = models.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:>6}  {:>11}  IMPORTED", "NAME", "FILES", "SIZE");
+    let width = models
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:width$}  {:>6}  {:>11}  IMPORTED",
+        "NAME", "FILES", "SIZE"
+    );
     for m in models {
         println!(
             "{:width$}  {:>6}  {:>11}  {}",
@@ -69,13 +77,20 @@ pub fn files(files: &[FileInfo], as_json: bool) -> Result<()> {
         return json(&list);
     }
     let width = files.iter().map(|f| f.path.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:>11}  {:7}  {:>7}  FORMAT", "PATH", "SIZE", "STORAGE", "CHUNKS");
+    println!(
+        "{:width$}  {:>11}  {:7}  {:>7}  FORMAT",
+        "PATH", "SIZE", "STORAGE", "CHUNKS"
+    );
     for f in files {
         println!(
             "{:width$}  {:>11}  {:7}  {:>7}  {}",
             f.path,
             HumanBytes(f.size).to_string(),
-            if f.whole_object.is_some() { "whole" } else { "recipe" },
+            if f.whole_object.is_some() {
+                "whole"
+            } else {
+                "recipe"
+            },
             f.chunks,
             f.format.as_deref().unwrap_or("-")
         );
@@ -90,15 +105,31 @@ pub fn usage(u: &Usage) {
         HumanBytes(u.stored_bytes),
         u.dedup_ratio,
         HumanBytes(u.metadata_bytes),
-        if u.logical_bytes == 0 { 0.0 } else { 100.0 * u.metadata_bytes as f64 / u.logical_bytes as f64 },
+        if u.logical_bytes == 0 {
+            0.0
+        } else {
+            100.0 * u.metadata_bytes as f64 / u.logical_bytes as f64
+        },
         if u.unreferenced_bytes > 0 {
-            format!("  unreferenced {} (run gc)", HumanBytes(u.unreferenced_bytes))
+            format!(
+                "  unreferenced {} (run gc)",
+                HumanBytes(u.unreferenced_bytes)
+            )
         } else {
             String::new()
         }
     );
-    let width = u.models.iter().map(|m| m.name.len()).max().unwrap_or(5).max(5);
-    println!("{:width$}  {:>6}  {:>11}  {:>11}  {:>11}", "MODEL", "FILES", "LOGICAL", "UNIQUE", "SHARED");
+    let width = u
+        .models
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}",
+        "MODEL", "FILES", "LOGICAL", "UNIQUE", "SHARED"
+    );
     for m in &u.models {
         println!(
             "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}",

@@ -263,7 +263,14 @@ impl Catalog {
     #[allow(clippy::type_complexity)]
     fn content_from_row(
         &self,
-        (id, hash, size, whole, format, blob): (i64, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>),
+        (id, hash, size, whole, format, blob): (
+            i64,
+            Vec<u8>,
+            i64,
+            Option<i64>,
+            Option<String>,
+            Vec<u8>,
+        ),
     ) -> Result<ContentInfo> {
         let corrupt = |what: &str| {
             Error::Corrupt(format!(
@@ -318,7 +325,9 @@ impl Catalog {
     pub fn objects(&self) -> Result<Vec<(ObjectId, u64)>> {
         self.sql(|c| {
             let mut st = c.prepare("SELECT id, size FROM objects ORDER BY id")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?;
             rows.collect()
         })
     }

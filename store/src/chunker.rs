@@ -36,7 +36,9 @@ pub fn regions(file_len: u64, spans: &[TensorSpan]) -> Vec<Region> {
     let mut out = Vec::with_capacity(sorted.len() * 2 + 1);
     let mut pos = 0u64;
     for s in sorted {
-        let Some(end) = s.offset.checked_add(s.len) else { continue };
+        let Some(end) = s.offset.checked_add(s.len) else {
+            continue;
+        };
         if s.offset < pos || end > file_len {
             continue;
         }
@@ -76,21 +78,36 @@ mod tests {
             r,
             vec![
                 Region::Other { offset: 0, len: 10 },
-                Region::Tensor { offset: 10, len: 20 },
-                Region::Other { offset: 30, len: 10 },
-                Region::Tensor { offset: 40, len: 60 },
+                Region::Tensor {
+                    offset: 10,
+                    len: 20
+                },
+                Region::Other {
+                    offset: 30,
+                    len: 10
+                },
+                Region::Tensor {
+                    offset: 40,
+                    len: 60
+                },
             ]
         );
     }
 
     #[test]
     fn overlapping_and_out_of_range_spans_are_dropped() {
-        let r = regions(50, &[span(0, 30), span(20, 10), span(40, 100), span(u64::MAX, 2)]);
+        let r = regions(
+            50,
+            &[span(0, 30), span(20, 10), span(40, 100), span(u64::MAX, 2)],
+        );
         assert_eq!(
             r,
             vec![
                 Region::Tensor { offset: 0, len: 30 },
-                Region::Other { offset: 30, len: 20 },
+                Region::Other {
+                    offset: 30,
+                    len: 20
+                },
             ]
         );
         assert_eq!(regions(0, &[]), vec![]);

@@ -39,7 +39,10 @@ impl Store {
         // 1. Catalog: drop contents no entry uses, then chunks and objects no
         //    remaining content uses.
         let catalog = self.catalog();
-        let tx = catalog.conn.unchecked_transaction().map_err(|e| catalog.err(e))?;
+        let tx = catalog
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| catalog.err(e))?;
         report.contents_removed = tx
             .execute(
                 "DELETE FROM contents WHERE id NOT IN
@@ -59,9 +62,12 @@ impl Store {
             }
         }
         let all_chunks: Vec<Vec<u8>> = {
-            let mut st = tx.prepare("SELECT hash FROM chunks").map_err(|e| catalog.err(e))?;
+            let mut st = tx
+                .prepare("SELECT hash FROM chunks")
+                .map_err(|e| catalog.err(e))?;
             let rows = st.query_map([], |r| r.get(0)).map_err(|e| catalog.err(e))?;
-            rows.collect::<rusqlite::Result<_>>().map_err(|e| catalog.err(e))?
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| catalog.err(e))?
         };
         {
             let mut del = tx
@@ -98,7 +104,11 @@ impl Store {
             if holes.is_empty() {
                 continue;
             }
-            let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .at(&path)?;
             if !locks::try_own_object(&file).at(&path)? {
                 report.objects_busy += 1;
                 continue;
@@ -161,7 +171,10 @@ mod tests {
     #[test]
     fn holes_never_touch_live_bytes() {
         let mut live = vec![(10_000, 20_000), (0, 100)];
-        assert_eq!(dead_blocks(&mut live, 40_000), vec![(4096, 8192), (20_480, 40_960)]);
+        assert_eq!(
+            dead_blocks(&mut live, 40_000),
+            vec![(4096, 8192), (20_480, 40_960)]
+        );
         let mut live = vec![(0, 4096)];
         assert!(dead_blocks(&mut live, 4096).is_empty());
     }

@@ -14,11 +14,12 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use modelfs_formats::TensorSpan;
@@ -97,10 +98,11 @@ pub fn default_model_name(source: &Path) -> Option<String> {
 /// snapshots, the repo directory.
 fn hf_repo_dir(dir: &Path) -> Option<PathBuf> {
     let is_repo = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| ["models--", "datasets--", "spaces--"].iter().any(|k| n.starts_with(k)))
-            && p.join("snapshots").is_dir()
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            ["models--", "datasets--", "spaces--"]
+                .iter()
+                .any(|k| n.starts_with(k))
+        }) && p.join("snapshots").is_dir()
     };
     if is_repo(dir) {
         return Some(dir.to_path_buf());
@@ -160,13 +162,13 @@ fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
         dirs: Vec::new(),
     };
     if meta.is_file() {
-        let name = root
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::InvalidInput {
-                path: root.clone(),
-                reason: "file name is not valid UTF-8".into(),
-            })?;
+        let name =
+            root.file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::InvalidInput {
+                    path: root.clone(),
+                    reason: "file name is not valid UTF-8".into(),
+                })?;
         tree.files.push(SourceFile {
             rel: name.to_string(),
             abs: root.clone(),
@@ -260,13 +262,20 @@ fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
 fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
     let mut out: HashMap<String, Vec<TensorSpan>> = HashMap::new();
     for f in tree.files.iter().filter(|f| f.rel.ends_with(".onnx")) {
-        let Ok(file) = File::open(&f.abs) else { continue };
-        let Ok(Some(layout)) = modelfs_formats::layout(&f.rel, &file) else { continue };
+        let Ok(file) = File::open(&f.abs) else {
+            continue;
+        };
+        let Ok(Some(layout)) = modelfs_formats::layout(&f.rel, &file) else {
+            continue;
+        };
         let dir = Path::new(&f.rel).parent().unwrap_or(Path::new(""));
         for ext in layout.external {
             let joined = dir.join(&ext.location);
             // Only plain relative locations inside the model are honoured.
-            if joined.components().any(|c| !matches!(c, Component::Normal(_))) {
+            if joined
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+            {
                 continue;
             }
             if let Some(rel) = joined.to_str() {
@@ -317,7 +326,9 @@ fn produce(
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
-                    if BATCH_BYTES - batch.data.len() < TENSOR_PIECE as usize && !batch.chunks.is_empty() {
+                    if BATCH_BYTES - batch.data.len() < TENSOR_PIECE as usize
+                        && !batch.chunks.is_empty()
+                    {
                         let next = fresh(pos);
                         send(std::mem::replace(&mut batch, next))?;
                     }
@@ -387,35 +398,53 @@ impl Read for RangeReader<'_> {
     }
 }
 
-/// The object file a file's new chunks are appended to.
+/// The object file a file's new chunks are appended to. Offsets are handed
+/// out by the hashing thread; bytes are written by the writer thread.
 struct ObjectWriter {
     id: ObjectId,
     path: PathBuf,
-    file: File,
-    /// Bytes assigned to chunks so far (written or about to be).
+    file: Arc<File>,
+    /// Bytes assigned to chunks so far (written or queued for writing).
     assigned: u64,
-    written: u64,
-    writeback_started: u64,
 }
 
-impl ObjectWriter {
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file.write_all(bytes).at(&self.path)?;
-        self.written += bytes.len() as u64;
-        if self.written - self.writeback_started >= WRITE_BEHIND {
-            // SAFETY: sync_file_range on our own descriptor; it only starts I/O.
-            unsafe {
-                libc::sync_file_range(
-                    self.file.as_raw_fd(),
-                    self.writeback_started as i64,
-                    (self.written - self.writeback_started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
+/// Bytes of one batch to append to an object: (start, end) in the batch and
+/// the object offset of `start`.
+struct WriteJob {
+    batch: Batch,
+    object: Option<(Arc<File>, PathBuf)>,
+    runs: Vec<(usize, usize, u64)>,
+}
+
+/// The writer thread: writes runs of new chunks, starts writeback early, and
+/// hands batch buffers back to the reader. Returns the bytes written.
+fn write_runs(jobs: mpsc::Receiver<WriteJob>, recycle: mpsc::Sender<Batch>) -> Result<u64> {
+    let mut written = 0u64;
+    let mut writeback_from = 0u64;
+    for job in jobs {
+        if let Some((file, path)) = &job.object {
+            for &(start, end, at) in &job.runs {
+                file.write_all_at(&job.batch.data[start..end], at)
+                    .at(path)?;
+                written += (end - start) as u64;
+                let upto = at + (end - start) as u64;
+                if upto - writeback_from >= WRITE_BEHIND {
+                    // SAFETY: sync_file_range on our own descriptor; it only starts I/O.
+                    unsafe {
+                        libc::sync_file_range(
+                            file.as_raw_fd(),
+                            writeback_from as i64,
+                            (upto - writeback_from) as i64,
+                            libc::SYNC_FILE_RANGE_WRITE,
+                        );
+                    }
+                    writeback_from = upto;
+                }
             }
-            self.writeback_started = self.written;
         }
-        Ok(())
+        let _ = recycle.send(job.batch);
     }
+    Ok(written)
 }
 
 struct NewContent {
@@ -458,7 +487,10 @@ impl Ingest<'_> {
         let id = self.next_object;
         self.next_object += 1;
         let path = self.store.object_path(id);
-        let dir = path.parent().expect("object path has a parent").to_path_buf();
+        let dir = path
+            .parent()
+            .expect("object path has a parent")
+            .to_path_buf();
         if self.object_dirs.insert(dir.clone()) {
             std::fs::create_dir_all(&dir).at(&dir)?;
         }
@@ -475,10 +507,8 @@ impl Ingest<'_> {
         Ok(ObjectWriter {
             id,
             path,
-            file,
+            file: Arc::new(file),
             assigned: 0,
-            written: 0,
-            writeback_started: 0,
         })
     }
 
@@ -494,7 +524,10 @@ impl Ingest<'_> {
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
 
         let (format, mut spans) = match modelfs_formats::layout(&src.rel, &file) {
-            Ok(Some(layout)) => (Some(format!("{:?}", layout.format).to_lowercase()), layout.tensors),
+            Ok(Some(layout)) => (
+                Some(format!("{:?}", layout.format).to_lowercase()),
+                layout.tensors,
+            ),
             Ok(None) => (None, Vec::new()),
             Err(e) => {
                 let msg = format!(
@@ -515,9 +548,10 @@ impl Ingest<'_> {
         let mut saw_duplicate = false;
         let mut consumed = 0u64;
 
-        let (tx, rx) = mpsc::sync_channel::<io::Result<Batch>>(2);
+        let (tx, rx) = mpsc::sync_channel::<io::Result<Batch>>(1);
         let (recycle_tx, recycle_rx) = mpsc::channel::<Batch>();
-        let result: Result<()> = std::thread::scope(|scope| {
+        let (job_tx, job_rx) = mpsc::sync_channel::<WriteJob>(1);
+        let result: Result<u64> = std::thread::scope(|scope| {
             let file = &file;
             let regions = &regions;
             let producer = scope.spawn(move || {
@@ -526,6 +560,7 @@ impl Ingest<'_> {
                 }
                 drop(tx);
             });
+            let writer = scope.spawn(move || write_runs(job_rx, recycle_tx));
             let outcome = (|| -> Result<()> {
                 for batch in &rx {
                     let batch = batch.at(&src.abs)?;
@@ -541,55 +576,79 @@ impl Ingest<'_> {
                             whole.update_rayon(&batch.data);
                         },
                     );
-                    // Runs of consecutive new chunks are written with one call.
-                    let mut run: Option<(usize, usize)> = None;
+                    // Consecutive new chunks form one run, written with one call.
+                    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
                     for (&(off, len), hash) in batch.chunks.iter().zip(hashes) {
                         if let Some((obj, obj_off)) = self.lookup_chunk(&hash)? {
                             saw_duplicate = true;
-                            if let Some((s, e)) = run.take() {
-                                object.as_mut().expect("run implies object").write(&batch.data[s..e])?;
-                            }
-                            segments.push(Segment { hash, object: obj, object_offset: obj_off, len: len as u32 });
-                        } else {
-                            if object.is_none() {
-                                object = Some(self.new_object()?);
-                            }
-                            let w = object.as_mut().expect("just created");
-                            let obj_off = w.assigned;
-                            w.assigned += len as u64;
-                            self.pending_chunks.insert(hash, (w.id, obj_off));
-                            segments.push(Segment { hash, object: w.id, object_offset: obj_off, len: len as u32 });
-                            run = Some(match run {
-                                Some((s, _)) => (s, off + len),
-                                None => (off, off + len),
+                            segments.push(Segment {
+                                hash,
+                                object: obj,
+                                object_offset: obj_off,
+                                len: len as u32,
                             });
+                            continue;
                         }
-                    }
-                    if let Some((s, e)) = run {
-                        object.as_mut().expect("run implies object").write(&batch.data[s..e])?;
+                        if object.is_none() {
+                            object = Some(self.new_object()?);
+                        }
+                        let w = object.as_mut().expect("just created");
+                        let obj_off = w.assigned;
+                        w.assigned += len as u64;
+                        self.pending_chunks.insert(hash, (w.id, obj_off));
+                        segments.push(Segment {
+                            hash,
+                            object: w.id,
+                            object_offset: obj_off,
+                            len: len as u32,
+                        });
+                        match runs.last_mut() {
+                            Some(run) if run.1 == off => run.1 = off + len,
+                            _ => runs.push((off, off + len, obj_off)),
+                        }
                     }
                     consumed += batch.data.len() as u64;
                     progress.advance(batch.data.len() as u64);
-                    let _ = recycle_tx.send(batch);
+                    let target = object
+                        .as_ref()
+                        .map(|w| (Arc::clone(&w.file), w.path.clone()));
+                    if job_tx
+                        .send(WriteJob {
+                            batch,
+                            object: target,
+                            runs,
+                        })
+                        .is_err()
+                    {
+                        break; // the writer failed; its error is reported below
+                    }
                 }
                 Ok(())
             })();
             drop(rx);
+            drop(job_tx);
             producer.join().expect("reader thread panicked");
-            outcome
+            let written = writer.join().expect("writer thread panicked");
+            outcome.and(written)
         });
-        result?;
+        let written = result?;
         if consumed != size {
             return Err(Error::InvalidInput {
                 path: src.abs.clone(),
-                reason: format!("file changed size while being imported ({size} -> {consumed} bytes)"),
+                reason: format!(
+                    "file changed size while being imported ({size} -> {consumed} bytes)"
+                ),
             });
         }
 
         let hash = Hash::from(whole.finalize());
         let existing = match self.pending_contents.get(&hash) {
             Some(&i) => Some(ContentRef::New(i)),
-            None => self.store.catalog().content_by_hash(&hash)?.map(ContentRef::Existing),
+            None => self
+                .store
+                .catalog()
+                .content_by_hash(&hash)?
+                .map(ContentRef::Existing),
         };
         if let Some(existing) = existing {
             // Identical to a stored file: keep nothing of this pass.
@@ -604,12 +663,18 @@ impl Ingest<'_> {
         }
 
         let whole_object = match object {
-            Some(mut w) => {
-                w.file.flush().at(&w.path)?;
+            Some(w) => {
+                if written != w.assigned {
+                    return Err(Error::Corrupt(format!(
+                        "{}: wrote {written} bytes to object {} but assigned {}",
+                        src.abs.display(),
+                        w.path.display(),
+                        w.assigned
+                    )));
+                }
                 w.file.sync_all().at(&w.path)?;
-                debug_assert_eq!(w.written, w.assigned);
-                self.summary.new_bytes += w.written;
-                self.new_objects.push((w.id, w.written, !saw_duplicate));
+                self.summary.new_bytes += written;
+                self.new_objects.push((w.id, written, !saw_duplicate));
                 (!saw_duplicate).then_some(w.id)
             }
             None => None,
@@ -626,7 +691,8 @@ impl Ingest<'_> {
             format,
             segments,
         });
-        self.pending_contents.insert(hash, self.new_contents.len() - 1);
+        self.pending_contents
+            .insert(hash, self.new_contents.len() - 1);
         Ok(ContentRef::New(self.new_contents.len() - 1))
     }
 }
@@ -649,10 +715,11 @@ impl Store {
         let logical: u64 = tree.files.iter().map(|f| f.size).sum();
         progress.begin(tree.files.len() as u64, logical);
         let external = onnx_external_spans(&tree);
-        let next_object = self
-            .catalog()
-            .sql(|c| c.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM objects", [], |r| r.get::<_, i64>(0)))?
-            as u64;
+        let next_object = self.catalog().sql(|c| {
+            c.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM objects", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })? as u64;
         let mut ingest = Ingest {
             store: self,
             next_object,
@@ -742,13 +809,17 @@ impl Store {
             .to_string_lossy()
             .into_owned();
         let catalog = self.catalog();
-        let tx = catalog.conn.unchecked_transaction().map_err(|e| catalog.err(e))?;
+        let tx = catalog
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| catalog.err(e))?;
         let run = || -> rusqlite::Result<()> {
             if opts.replace {
                 tx.execute("DELETE FROM models WHERE name = ?1", [&opts.name])?;
             }
             {
-                let mut ins = tx.prepare("INSERT INTO objects(id, size, whole) VALUES (?1, ?2, ?3)")?;
+                let mut ins =
+                    tx.prepare("INSERT INTO objects(id, size, whole) VALUES (?1, ?2, ?3)")?;
                 for &(id, size, whole) in &ingest.new_objects {
                     ins.execute(params![id as i64, size as i64, whole])?;
                 }
@@ -773,8 +844,14 @@ impl Store {
                     for s in &c.segments {
                         // Only chunks this import stored enter the index; the
                         // rest are in it already.
-                        if ingest.pending_chunks.get(&s.hash) == Some(&(s.object, s.object_offset)) {
-                            chunk.execute(params![&s.hash.0[..], s.object as i64, s.object_offset as i64, s.len])?;
+                        if ingest.pending_chunks.get(&s.hash) == Some(&(s.object, s.object_offset))
+                        {
+                            chunk.execute(params![
+                                &s.hash.0[..],
+                                s.object as i64,
+                                s.object_offset as i64,
+                                s.len
+                            ])?;
                         }
                     }
                 }

@@ -87,6 +87,9 @@ pub struct FileInfo {
 impl Store {
     /// Create a store at `root` (or open it if it already is one).
     pub fn init(root: &Path) -> Result<Store> {
+        // Absolute, so object paths handed to the mount or printed by `ls`
+        // stay valid whatever the caller's working directory.
+        let root = &std::path::absolute(root).at(root)?;
         std::fs::create_dir_all(root.join(OBJECTS_DIR)).at(root)?;
         let catalog = Catalog::open(&root.join(CATALOG_FILE), true)?;
         fsync_dir(root)?;
@@ -98,6 +101,7 @@ impl Store {
 
     /// Open an existing store; a clear error if `root` is not one.
     pub fn open(root: &Path) -> Result<Store> {
+        let root = &std::path::absolute(root).at(root)?;
         let cat_path = root.join(CATALOG_FILE);
         if !cat_path.is_file() {
             let reason = if root.exists() {

@@ -56,7 +56,7 @@ fn ofd_lock(file: &File, lock_type: libc::c_int, cmd: libc::c_int) -> io::Result
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = 0;
     fl.l_len = 0; // whole file, including any future growth
-    // SAFETY: fcntl with a valid fd and a pointer to a live flock struct.
+                  // SAFETY: fcntl with a valid fd and a pointer to a live flock struct.
     if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -65,7 +65,16 @@ mod tests {
     #[test]
     fn refuses_escaping_or_odd_names() {
         for bad in [
-            "", "/abs", "a/../b", "..", ".", "a//b", "a/", "tab\there", "nl\nx", "nul\0x",
+            "",
+            "/abs",
+            "a/../b",
+            "..",
+            ".",
+            "a//b",
+            "a/",
+            "tab\there",
+            "nl\nx",
+            "nul\0x",
         ] {
             assert!(validate_model_name(bad).is_err(), "{bad:?} accepted");
         }

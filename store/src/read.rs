@@ -35,7 +35,10 @@ impl FileReader {
                 if e.kind() == io::ErrorKind::NotFound {
                     Error::Corrupt(format!("object {} is missing", path.display()))
                 } else {
-                    Error::Io { path: path.clone(), source: e }
+                    Error::Io {
+                        path: path.clone(),
+                        source: e,
+                    }
                 }
             })?;
             // Tell gc we use this object, so it does not punch holes in it.

@@ -93,8 +93,18 @@ mod tests {
     #[test]
     fn recipe_round_trips() {
         let segs = vec![
-            Segment { hash: Hash::of(b"a"), object: 7, object_offset: 0, len: 10 },
-            Segment { hash: Hash::of(b"b"), object: u64::MAX, object_offset: 1 << 40, len: u32::MAX },
+            Segment {
+                hash: Hash::of(b"a"),
+                object: 7,
+                object_offset: 0,
+                len: 10,
+            },
+            Segment {
+                hash: Hash::of(b"b"),
+                object: u64::MAX,
+                object_offset: 1 << 40,
+                len: u32::MAX,
+            },
         ];
         let blob = encode(&segs);
         assert_eq!(blob.len(), 2 * SEGMENT_BYTES);

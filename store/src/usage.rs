@@ -46,9 +46,13 @@ impl Store {
         // For each chunk: its length and the models that reference it.
         let mut chunk_models: HashMap<Hash, (u32, HashSet<i64>)> = HashMap::new();
         for c in self.catalog().all_contents()? {
-            let Some(users) = users_of_content.get(&c.id) else { continue };
+            let Some(users) = users_of_content.get(&c.id) else {
+                continue;
+            };
             for s in &c.segments {
-                let e = chunk_models.entry(s.hash).or_insert_with(|| (s.len, HashSet::new()));
+                let e = chunk_models
+                    .entry(s.hash)
+                    .or_insert_with(|| (s.len, HashSet::new()));
                 e.1.extend(users.iter().copied());
             }
         }
@@ -57,13 +61,22 @@ impl Store {
         let mut chunk_bytes = 0u64;
         for (len, users) in chunk_models.values() {
             chunk_bytes += u64::from(*len);
-            let target = if users.len() == 1 { &mut unique } else { &mut shared };
+            let target = if users.len() == 1 {
+                &mut unique
+            } else {
+                &mut shared
+            };
             for m in users {
                 *target.entry(*m).or_default() += u64::from(*len);
             }
         }
 
-        let known: HashSet<u64> = self.catalog().objects()?.into_iter().map(|(id, _)| id).collect();
+        let known: HashSet<u64> = self
+            .catalog()
+            .objects()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let (mut stored, mut unreferenced) = (0u64, 0u64);
         for (id, allocated) in self.object_files()? {
             if known.contains(&id) {
@@ -84,7 +97,11 @@ impl Store {
             chunk_bytes,
             metadata_bytes: metadata,
             unreferenced_bytes: unreferenced,
-            dedup_ratio: if stored == 0 { 1.0 } else { logical as f64 / stored as f64 },
+            dedup_ratio: if stored == 0 {
+                1.0
+            } else {
+                logical as f64 / stored as f64
+            },
             models: models
                 .iter()
                 .map(|m| ModelUsage {

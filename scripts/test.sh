@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, Rust unit and integration tests,
+# and the Python suite that drives the real binary with files written by the
+# real libraries (safetensors, torch, gguf, onnx). Installs what it needs.
+source "$(dirname "$0")/common.sh"
+ensure_rust
+ensure_python_env
+cd "$REPO"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+say "cargo build"
+cargo build --workspace --quiet
+say "cargo test"
+cargo test --workspace --quiet
+say "pytest tests/"
+MODELFS_BIN="$REPO/target/debug/modelfs" "$PY" -m pytest "$REPO/tests" -q -p no:cacheprovider "$@"

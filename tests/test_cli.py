@@ -1,0 +1,768 @@
+"""End-to-end tests of the `modelfs` CLI, driving the real binary (MODELFS_BIN).
+
+Every test uses a fresh store in its tmp_path (`--store DIR`). Model files are
+generated locally with the real writers (tests/modelfamily.py); nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import modelfamily
+from blake3_ref import blake3_hex
+from conftest import SLACK_PER_FILE, Modelfs
+
+IS_ROOT = os.geteuid() == 0
+SMALL_FOR_B3 = 64 * 1024  # files up to this size get their `hash` checked with blake3_ref
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=False)
+    return dst
+
+
+def expected_files(root: Path):
+    """{relative path: bytes} of a model directory (following symlinks) or a single file."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {rel: (root / rel).read_bytes() for rel in modelfamily.list_files(root)}
+
+
+def check_model(mfs: Modelfs, name: str, expect: dict, check_hash: bool = True):
+    """`ls NAME --json` lists exactly the expected files with the right sizes and hashes,
+    and `cat` returns every file byte-exact."""
+    listed = mfs.ls_files(name)
+    assert sorted(listed) == sorted(expect), (
+        f"`ls {name} --json` paths differ from the imported tree:\n"
+        f"  missing: {sorted(set(expect) - set(listed))}\n  extra: {sorted(set(listed) - set(expect))}")
+    objects = (mfs.store / "objects").resolve()
+    for rel, data in expect.items():
+        f = listed[rel]
+        assert f["size"] == len(data), (name, rel, f, len(data))
+        assert isinstance(f["hash"], str) and len(f["hash"]) == 64 and int(f["hash"], 16) >= 0, f
+        if check_hash and len(data) <= SMALL_FOR_B3:
+            assert f["hash"] == blake3_hex(data), f"{name}/{rel}: `hash` is not the blake3 of the file"
+        assert f["storage"] in ("whole", "recipe"), f
+        if f["storage"] == "whole":
+            obj = f["object"]
+            assert isinstance(obj, str) and os.path.isabs(obj), f
+            assert Path(obj).is_file(), f"{name}/{rel}: object {obj} does not exist"
+            assert objects in Path(obj).resolve().parents, f"{obj} is not under {objects}"
+        else:
+            assert f["object"] is None, f
+        got = mfs.cat(f"{name}/{rel}")
+        assert got == data, (
+            f"`cat {name}/{rel}` returned {len(got)} bytes that differ from the original "
+            f"({len(data)} bytes); first difference at {_first_diff(got, data)}")
+
+
+def _first_diff(a: bytes, b: bytes):
+    n = min(len(a), len(b))
+    for i in range(0, n, 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            for j in range(i, min(n, i + 4096)):
+                if a[j] != b[j]:
+                    return j
+    return n
+
+
+def assert_unchanged(mfs: Modelfs, before: dict, what: str):
+    after = mfs.snapshot()
+    for k in ("ls", "du", "objects"):
+        assert after[k] == before[k], (
+            f"store changed after a failed `{what}` ({k} differs):\nbefore: "
+            f"{json.dumps(before[k])[:1500]}\nafter:  {json.dumps(after[k])[:1500]}")
+
+
+def slack(n_files: int) -> int:
+    return SLACK_PER_FILE * n_files
+
+
+# ------------------------------------------------------------------------------------------
+# help / basics
+
+
+COMMANDS = {
+    "init": ("creat", "initiali", "new store"),
+    "import": ("import",),
+    "ls": ("list",),
+    "rm": ("remov", "delet"),
+    "gc": ("garbage", "unreferenced", "reclaim", "collect"),
+    "verify": ("verif", "integrity", "re-hash", "rehash", "check"),
+    "cat": ("stdout", "standard output", "print", "contents", "content"),
+    "du": ("disk", "usage", "space"),
+}
+
+
+def test_top_level_help_lists_commands(modelfs_bin):
+    r = subprocess.run([str(modelfs_bin), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for cmd in COMMANDS:
+        assert cmd in r.stdout, f"`modelfs --help` does not mention `{cmd}`:\n{r.stdout}"
+    assert "--store" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_command_help(modelfs_bin, cmd):
+    r = subprocess.run([str(modelfs_bin), cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"`modelfs {cmd} --help` exited {r.returncode}: {r.stderr}"
+    text = r.stdout.lower()
+    assert any(k in text for k in COMMANDS[cmd]), (
+        f"`modelfs {cmd} --help` does not describe its purpose (looked for {COMMANDS[cmd]}):\n{r.stdout}")
+
+
+def test_unknown_command_fails(mfs):
+    mfs.run("frobnicate", ok=False)
+
+
+def test_store_from_env(modelfs_bin, family, tmp_path):
+    store = tmp_path / "envstore"
+    env = dict(os.environ, MODELFS_STORE=str(store))
+
+    def run(*args):
+        return subprocess.run([str(modelfs_bin), *map(str, args)], capture_output=True, env=env,
+                              timeout=300)
+
+    r = run("init")
+    assert r.returncode == 0, r.stderr
+    assert store.is_dir()
+    r = run("import", family.path("base"))
+    assert r.returncode == 0, r.stderr
+    r = run("ls", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [m["name"] for m in json.loads(r.stdout)] == ["base"]
+    r = run("cat", "base/config.json")
+    assert r.returncode == 0 and r.stdout == family.bytes_of("base", "config.json")
+    # --store takes precedence over / is equivalent to the env var: explicit store sees it too
+    assert Modelfs(modelfs_bin, store).ls_models().keys() == {"base"}
+
+
+# ------------------------------------------------------------------------------------------
+# round trip
+
+
+def test_round_trip_every_model(mfs, family):
+    for key in family.models:
+        r = mfs.import_(family.path(key), ok=True)
+        lines = [l for l in r.stdout.splitlines() if l.strip()]
+        assert len(lines) == 1, f"import should print a one-line summary, got:\n{r.stdout}"
+    models = mfs.ls_models()
+    assert set(models) == {family.name(k) for k in family.models}, sorted(models)
+    for key in family.models:
+        name = family.name(key)
+        expect = {f["path"]: family.bytes_of(key, f["path"]) for f in family.files(key)}
+        m = models[name]
+        assert m["files"] == len(expect), m
+        assert m["logical_bytes"] == family.models[key]["logical_bytes"], m
+        assert m["imported_at"], m
+        check_model(mfs, name, expect)
+    r = mfs.json("verify")
+    assert r["damaged"] == []
+    assert r["files_checked"] == sum(len(m["files"]) for m in family.models.values())
+
+
+def test_hf_snapshot_import(mfs, family):
+    snap = family.path("hf-cache")
+    r = mfs.import_(snap, "--json").json()
+    assert r["name"] == "org/tiny"
+    assert r["files"] == len(family.files("hf-cache"))
+    # bytes are those of the blobs the snapshot symlinks point to
+    expect = {}
+    for f in family.files("hf-cache"):
+        target = (snap / f["path"]).resolve()
+        assert target.parent.name == "blobs"
+        expect[f["path"]] = target.read_bytes()
+    check_model(mfs, "org/tiny", expect)
+    assert not any("blobs" in p or p.startswith("..") for p in mfs.ls_files("org/tiny"))
+
+
+def test_import_hf_repo_dir_means_refs_main(mfs, family):
+    """`import models--org--tiny` (the repo dir itself) imports its refs/main snapshot."""
+    snap = family.path("hf-cache")
+    r = mfs.import_(snap.parent.parent, "--json").json()
+    assert r["name"] == "org/tiny"
+    check_model(mfs, "org/tiny", expected_files(snap))
+
+
+def test_symlink_outside_tree(mfs, family, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(family.path("base") / "generation_config.json", d / "generation_config.json")
+    os.symlink(family.path("base") / "config.json", d / "config.json")
+    os.symlink("generation_config.json", d / "alias.json")  # inside the tree: fine
+    before = mfs.snapshot()
+    r = mfs.import_(d, ok=False)
+    assert "config.json" in r.stderr, r.describe()
+    assert_unchanged(mfs, before, "import with a symlink leaving the tree")
+    mfs.import_(d, "--follow-symlinks", ok=True)
+    check_model(mfs, "m", expected_files(d))
+
+
+def test_object_paths_absolute_with_relative_store(modelfs_bin, family, tmp_path):
+    m = Modelfs(modelfs_bin, Path("relstore"))
+    m.run("import", family.path("base"), ok=True, cwd=tmp_path)
+    r = m.run("ls", "base", "--json", ok=True, cwd=tmp_path).json()
+    for f in r:
+        if f["storage"] == "whole":
+            assert os.path.isabs(f["object"]), f"`object` must be an absolute path, got {f['object']!r}"
+
+
+def test_import_single_file(mfs, family):
+    src = family.path("base") / "model.safetensors"
+    mfs.import_(src, "--name", "single", ok=True)
+    check_model(mfs, "single", {"model.safetensors": src.read_bytes()})
+
+
+def test_import_json_summary(mfs, family):
+    r = mfs.import_(family.path("base"), "--json").json()
+    assert set(r) >= {"name", "files", "logical_bytes", "new_bytes", "seconds"}, r
+    m = family.models["base"]
+    assert r["name"] == "base"
+    assert r["files"] == len(m["files"])
+    assert r["logical_bytes"] == m["logical_bytes"]
+    assert 0 < r["new_bytes"] <= m["ideal_bytes"] * 1.005 + slack(len(m["files"])), (r, m["ideal_bytes"])
+    assert isinstance(r["seconds"], (int, float)) and r["seconds"] >= 0
+    r2 = mfs.import_(family.path("base-copy"), "--json").json()
+    assert r2["name"] == "base-copy" and r2["logical_bytes"] == m["logical_bytes"]
+    assert r2["new_bytes"] <= slack(len(m["files"])), f"importing an identical copy stored {r2}"
+
+
+def test_names_with_slashes(mfs, family):
+    mfs.import_(family.path("base"), "--name", "org/sub/model", ok=True)
+    assert "org/sub/model" in mfs.ls_models()
+    assert mfs.cat("org/sub/model/config.json") == family.bytes_of("base", "config.json")
+    mfs.run("rm", "org/sub/model", ok=True)
+    assert mfs.ls_models() == {}
+
+
+def test_cat_errors(mfs, family):
+    mfs.import_(family.path("base"), ok=True)
+    r = mfs.run("cat", "base/no-such-file.json", ok=False)
+    assert "no-such-file.json" in r.stderr
+    r = mfs.run("cat", "nomodel/config.json", ok=False)
+    assert "nomodel" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# dedup
+
+
+def test_dedup_family_close_to_ideal(mfs, dedup_family, capsys):
+    """stored_bytes must be within 0.5 % of the ideal (distinct tensors + distinct non-tensor
+    bytes), plus SLACK_PER_FILE (64 KiB) per distinct imported file for filesystem block
+    rounding / per-object overhead."""
+    fam = dedup_family
+    keys = modelfamily.DEDUP_SET
+    t0 = time.monotonic()
+    for key in keys:
+        mfs.import_(fam.path(key), ok=True)
+    dt = time.monotonic() - t0
+    ideal = fam.ideal(keys)
+    du = mfs.du()
+    assert set(du) >= {"logical_bytes", "stored_bytes", "models"}, du
+    assert du["logical_bytes"] == ideal["logical_bytes"], (du, ideal)
+    limit = ideal["ideal_bytes"] * 1.005 + slack(ideal["distinct_files"])
+    with capsys.disabled():
+        print(f"\n[dedup] logical {ideal['logical_bytes']} ideal {ideal['ideal_bytes']} "
+              f"stored {du['stored_bytes']} (stored/ideal {du['stored_bytes'] / ideal['ideal_bytes']:.4f}, "
+              f"limit {limit:.0f}); {len(keys)} imports in {dt:.1f}s")
+    assert du["stored_bytes"] <= limit, (
+        f"stored_bytes {du['stored_bytes']} exceeds ideal {ideal['ideal_bytes']} * 1.005 + "
+        f"{slack(ideal['distinct_files'])} slack (ratio {du['stored_bytes'] / ideal['ideal_bytes']:.4f})")
+    assert du["stored_bytes"] <= 0.4 * du["logical_bytes"]
+    # per-model du entries
+    per = {m["name"]: m for m in du["models"]}
+    assert set(per) == set(keys)
+    for key in keys:
+        assert per[key]["logical_bytes"] == fam.models[key]["logical_bytes"], per[key]
+        assert set(per[key]) >= {"name", "logical_bytes", "unique_bytes", "shared_bytes"}
+    # identical copy: same hashes, nothing unique to either copy
+    base, copy = mfs.ls_files("base"), mfs.ls_files("base-copy")
+    assert {p: f["hash"] for p, f in base.items()} == {p: f["hash"] for p, f in copy.items()}
+    for k in ("base", "base-copy"):
+        assert per[k]["unique_bytes"] <= slack(len(base)), per[k]
+    # the first import of a safetensors file is kept whole; a shifted fine-tune is a recipe
+    assert base["model.safetensors"]["storage"] == "whole", base["model.safetensors"]
+    head = mfs.ls_files("ft-head")
+    assert head["model.safetensors"]["storage"] == "recipe", head["model.safetensors"]
+    # and everything still reads back
+    for key in ("ft-head", "ft-last", "torch-bin"):
+        check_model(mfs, key, {f["path"]: fam.bytes_of(key, f["path"]) for f in fam.files(key)},
+                    check_hash=False)
+    assert mfs.run("verify", ok=True).returncode == 0
+
+
+def test_identical_file_stored_once(mfs, family):
+    mfs.import_(family.path("base"), ok=True)
+    s1 = mfs.du()["stored_bytes"]
+    mfs.import_(family.path("base-copy"), ok=True)
+    s2 = mfs.du()["stored_bytes"]
+    n = len(family.files("base"))
+    assert s2 - s1 <= slack(n), f"importing an identical copy grew the store by {s2 - s1} bytes"
+    a, b = mfs.ls_files("base"), mfs.ls_files("base-copy")
+    for p in a:
+        assert a[p]["hash"] == b[p]["hash"]
+    # the identical config.json inside another, different model is stored once too
+    one = Path(mfs.store).parent / "only-config"
+    one.mkdir()
+    shutil.copy(family.path("base") / "config.json", one / "config.json")
+    mfs.import_(one, ok=True)
+    assert mfs.du()["stored_bytes"] - s2 <= slack(1)
+    assert mfs.ls_files("only-config")["config.json"]["hash"] == a["config.json"]["hash"]
+
+
+# ------------------------------------------------------------------------------------------
+# ls / rm / gc / replace
+
+
+def test_ls(mfs, family):
+    assert mfs.ls_models() == {}
+    for key in ("base", "gguf-model"):
+        mfs.import_(family.path(key), ok=True)
+    models = mfs.ls_models()
+    assert set(models) == {"base", "gguf-model"}
+    for key in ("base", "gguf-model"):
+        assert models[key]["files"] == len(family.files(key))
+        assert models[key]["logical_bytes"] == family.models[key]["logical_bytes"]
+    plain = mfs.run("ls", ok=True).stdout
+    assert "base" in plain and "gguf-model" in plain
+    files = mfs.ls_files("gguf-model")
+    assert set(files) == {"model.gguf"}
+    mfs.run("ls", "no-such-model", ok=False)
+    mfs.run("verify", "no-such-model", ok=False)
+
+
+def test_rm_keeps_other_models(mfs, family):
+    for key in ("base", "ft-last", "ft-head"):
+        mfs.import_(family.path(key), ok=True)
+    mfs.run("rm", "base", ok=True)
+    assert set(mfs.ls_models()) == {"ft-last", "ft-head"}
+    mfs.run("cat", "base/config.json", ok=False)
+    for key in ("ft-last", "ft-head"):
+        check_model(mfs, key, {f["path"]: family.bytes_of(key, f["path"]) for f in family.files(key)},
+                    check_hash=False)
+    mfs.run("rm", "base", ok=False)  # already gone
+    mfs.run("verify", ok=True)
+
+
+def test_gc_after_removing_everything(mfs, family):
+    for key in ("base", "ft-head", "nested"):
+        mfs.import_(family.path(key), ok=True)
+    assert mfs.du()["stored_bytes"] > family.models["base"]["logical_bytes"] * 0.9
+    for key in ("base", "ft-head", "nested"):
+        mfs.run("rm", key, ok=True)
+    r = mfs.run("gc", "--json", ok=True)
+    r.json()
+    du = mfs.du()
+    assert du["stored_bytes"] <= 256 * 1024, du
+    assert du["logical_bytes"] == 0 and du["models"] == []
+    left = sum(p.stat().st_size for p in (mfs.store / "objects").rglob("*") if p.is_file())
+    assert left <= 256 * 1024, f"{left} bytes of object files remain under objects/ after rm all + gc"
+    mfs.run("verify", ok=True)
+
+
+def test_gc_keeps_shared_data(mfs, family):
+    mfs.import_(family.path("base"), ok=True)
+    mfs.import_(family.path("ft-last"), ok=True)
+    before = mfs.du()["stored_bytes"]
+    mfs.run("rm", "base", ok=True)
+    mfs.run("gc", ok=True)
+    after = mfs.du()["stored_bytes"]
+    m = family.models["ft-last"]
+    assert after < before, (before, after)
+    assert after <= m["ideal_bytes"] * 1.005 + slack(len(m["files"])), (
+        f"after rm base + gc the store keeps {after} bytes, but ft-last alone needs {m['ideal_bytes']}")
+    assert mfs.json("verify")["damaged"] == []
+    check_model(mfs, "ft-last", {f["path"]: family.bytes_of("ft-last", f["path"]) for f in m["files"]},
+                check_hash=False)
+    mfs.run("gc", ok=True)  # idempotent
+    mfs.run("verify", "ft-last", ok=True)
+
+
+def test_replace(mfs, family):
+    mfs.import_(family.path("base"), "--name", "m", ok=True)
+    before = mfs.snapshot()
+    r = mfs.import_(family.path("ft-last"), "--name", "m", ok=False)
+    assert "m" in r.stderr
+    assert_unchanged(mfs, before, "import of an existing name without --replace")
+    mfs.import_(family.path("ft-last"), "--name", "m", "--replace", ok=True)
+    assert set(mfs.ls_models()) == {"m"}
+    check_model(mfs, "m", expected_files(family.path("ft-last")), check_hash=False)
+    mfs.run("gc", ok=True)
+    mfs.run("verify", ok=True)
+    check_model(mfs, "m", expected_files(family.path("ft-last")), check_hash=False)
+
+
+# ------------------------------------------------------------------------------------------
+# verify / corruption
+
+
+@pytest.fixture
+def damaged_store(mfs, family, tmp_path):
+    """base (a private copy) and gguf-model imported; returns (mfs, whole-object files of base)."""
+    src = copy_model(family.path("base"), tmp_path / "src" / "base")
+    mfs.import_(src, ok=True)
+    mfs.import_(copy_model(family.path("gguf-model"), tmp_path / "src" / "gguf-model"), ok=True)
+    r = mfs.json("verify")
+    assert r["damaged"] == [] and r["files_checked"] == len(family.files("base")) + 1
+    whole = {p: f for p, f in mfs.ls_files("base").items() if f["storage"] == "whole"}
+    assert "model.safetensors" in whole, "the first import of base/model.safetensors should be 'whole'"
+    for p, f in whole.items():
+        assert os.stat(f["object"]).st_ino != os.stat(src / p).st_ino, "object is the source file itself"
+    return mfs, whole
+
+
+def _pick(whole, *prefs):
+    for p in prefs:
+        if p in whole:
+            return p, whole[p]["object"]
+    p = sorted(whole)[0]
+    return p, whole[p]["object"]
+
+
+def _assert_damage_reported(mfs, path):
+    r = mfs.run("verify")
+    assert r.returncode == 1, f"verify of a damaged store should exit 1:\n{r.describe()}"
+    assert f"base/{path}" in r.output, f"verify output does not name base/{path}:\n{r.describe()}"
+    assert "gguf-model" not in r.output, f"undamaged gguf-model reported:\n{r.describe()}"
+    line = next(l for l in r.output.splitlines() if f"base/{path}" in l)
+    assert len(line.strip()) > len(f"base/{path}") + 8, f"no reason given for base/{path}: {line!r}"
+    j = mfs.run("verify", "--json")
+    assert j.returncode == 1, j.describe()
+    d = j.json()
+    assert {"model": "base", "path": path} in [{"model": x["model"], "path": x["path"]} for x in d["damaged"]], d
+    assert all(x["model"] == "base" for x in d["damaged"]), d
+    assert all(x.get("reason") for x in d["damaged"]), d
+    assert mfs.run("verify", "gguf-model").returncode == 0
+    assert mfs.run("verify", "base").returncode == 1
+    c = mfs.run("cat", f"base/{path}")
+    assert c.returncode != 0, f"`cat` of a damaged file must fail, not print bad bytes:\n{c.describe()}"
+
+
+def _flip(obj: str):
+    os.chmod(obj, 0o644)
+    size = os.path.getsize(obj)
+    with open(obj, "r+b") as f:
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def test_verify_detects_flipped_byte(damaged_store):
+    mfs, whole = damaged_store
+    path, obj = _pick(whole, "config.json", "tokenizer.json")
+    _flip(obj)
+    _assert_damage_reported(mfs, path)
+
+
+def test_verify_detects_flipped_byte_in_tensor_object(damaged_store):
+    mfs, whole = damaged_store
+    _flip(whole["model.safetensors"]["object"])
+    _assert_damage_reported(mfs, "model.safetensors")
+
+
+def test_verify_detects_truncation(damaged_store):
+    mfs, whole = damaged_store
+    obj = whole["model.safetensors"]["object"]
+    os.chmod(obj, 0o644)
+    os.truncate(obj, os.path.getsize(obj) // 2)
+    _assert_damage_reported(mfs, "model.safetensors")
+
+
+def test_verify_detects_deleted_object(damaged_store):
+    mfs, whole = damaged_store
+    path, obj = _pick(whole, "tokenizer.json", "config.json")
+    os.remove(obj)
+    _assert_damage_reported(mfs, path)
+
+
+def test_verify_detects_damaged_chunk_of_recipe(mfs, family, tmp_path):
+    """Damage below a recipe file: delete/flip every object file not referenced as 'whole'
+    by some model -> the recipe-stored model must be reported."""
+    mfs.import_(copy_model(family.path("base"), tmp_path / "b"), "--name", "base", ok=True)
+    mfs.import_(copy_model(family.path("ft-head"), tmp_path / "h"), "--name", "ft-head", ok=True)
+    head = mfs.ls_files("ft-head")
+    assert head["model.safetensors"]["storage"] == "recipe"
+    whole_objs = {os.path.realpath(f["object"]) for n in ("base", "ft-head")
+                  for f in mfs.ls_files(n).values() if f["storage"] == "whole"}
+    others = [p for p in (mfs.store / "objects").rglob("*")
+              if p.is_file() and os.path.realpath(p) not in whole_objs and p.stat().st_size > 0]
+    assert others, "ft-head's new tensors should be in a packed object of their own"
+    for p in others:
+        _flip(str(p))
+    r = mfs.run("verify")
+    assert r.returncode == 1, r.describe()
+    assert "ft-head/model.safetensors" in r.output, r.describe()
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: clean failure, store unchanged
+
+
+@pytest.fixture
+def seeded(mfs, family):
+    mfs.import_(family.path("gguf-model"), ok=True)
+    return mfs
+
+
+def _fails_cleanly(mfs, args, mention, what=None):
+    before = mfs.snapshot()
+    r = mfs.run(*args, ok=False, timeout=60)
+    assert r.returncode == 1, "errors must exit with status 1:\n" + r.describe()
+    mentions = [mention] if isinstance(mention, str) else list(mention)
+    assert any(m.lower() in r.stderr.lower() for m in mentions), (
+        f"error message should mention one of {mentions}:\n{r.describe()}")
+    assert_unchanged(mfs, before, what or " ".join(map(str, args)))
+    return r
+
+
+def test_import_nonexistent_path(seeded, tmp_path):
+    p = tmp_path / "does" / "not" / "exist"
+    _fails_cleanly(seeded, ["import", p, "--name", "x"], str(p))
+
+
+def test_import_dir_with_fifo(seeded, family, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(family.path("base") / "config.json", d / "config.json")
+    os.mkfifo(d / "weights.bin")  # opening it for reading would block forever
+    _fails_cleanly(seeded, ["import", d, "--name", "x"], "weights.bin")
+
+
+def test_import_dir_with_dangling_symlink(seeded, family, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(family.path("base") / "config.json", d / "config.json")
+    os.symlink("does-not-exist.safetensors", d / "model.safetensors")
+    _fails_cleanly(seeded, ["import", d, "--name", "x"], "model.safetensors")
+
+
+def test_import_dangling_symlink_file(seeded, tmp_path):
+    link = tmp_path / "link.safetensors"
+    os.symlink(tmp_path / "gone.safetensors", link)
+    _fails_cleanly(seeded, ["import", link, "--name", "x"], ("link.safetensors", "gone.safetensors"))
+
+
+def test_import_unreadable_file(modelfs_bin, family):
+    """A file the importing user cannot read: clear error naming it, store unchanged.
+    Root reads mode-000 files, so as root the import runs as user nobody (setpriv)."""
+    prefix = []
+    if IS_ROOT:
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    work = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="modelfs-unreadable-"))
+    try:
+        os.chmod(work, 0o755)
+        store = work / "store"
+        store.mkdir()
+        d = work / "m"
+        d.mkdir()
+        shutil.copy(family.path("base") / "config.json", d / "config.json")
+        shutil.copy(family.path("base") / "tokenizer.json", d / "tokenizer.json")
+        os.chmod(d / "tokenizer.json", 0)
+        if IS_ROOT:
+            os.chown(store, 65534, 65534)
+        user = Modelfs(modelfs_bin, store, prefix)
+        shutil.copytree(family.path("gguf-model"), work / "seed")
+        user.run("import", work / "seed", "--name", "seed", ok=True)
+        _fails_cleanly(user, ["import", d, "--name", "x"], "tokenizer.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+BAD_NAMES = ["..", "a/../b", "../escape", "a/..", "/abs", "/", "a//b", "", "a\x01b", "a\nb", "a\x7fb"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES, ids=[repr(b) for b in BAD_NAMES])
+def test_import_invalid_name(seeded, family, bad):
+    _fails_cleanly(seeded, ["import", family.path("base"), "--name", bad], "name")
+    # nothing outside the store was created by a traversal name
+    assert not (seeded.store.parent / "escape").exists()
+
+
+def test_import_duplicate_name(seeded, family):
+    _fails_cleanly(seeded, ["import", family.path("gguf-model")], "gguf-model",
+                   "re-import of an existing name without --replace")
+
+
+# ------------------------------------------------------------------------------------------
+# malformed model files: import succeeds by falling back to content-defined chunking
+
+
+def _garbage_cases(family, rng):
+    st = (family.path("base") / "model.safetensors").read_bytes()
+    tb = (family.path("torch-bin") / "pytorch_model.bin").read_bytes()
+    rnd = rng.randbytes(1 << 20)
+    good_hdr_len = struct.unpack("<Q", st[:8])[0]
+    hdr = json.loads(st[8:8 + good_hdr_len])
+    names = [n for n in hdr if n != "__metadata__"]
+    # two tensors claiming the same byte range
+    alias = dict(hdr)
+    alias[names[1]] = dict(hdr[names[1]], data_offsets=hdr[names[0]]["data_offsets"])
+    alias[names[1]]["shape"] = hdr[names[0]]["shape"]
+    alias_hdr = json.dumps(alias).encode()
+    alias_hdr += b" " * (-len(alias_hdr) % 8)
+    return {
+        # name: (file name, bytes, warning required)
+        "truncated-safetensors": ("model.safetensors", st[: len(st) * 6 // 10], True),
+        "truncated-in-header": ("model.safetensors", st[:100], True),
+        "garbage-safetensors": ("model.safetensors", rnd, True),
+        "huge-header-len": ("model.safetensors", struct.pack("<Q", 1 << 60) + b'{"x":1}' + rnd, True),
+        "bad-json-header": ("model.safetensors", struct.pack("<Q", 64) + rnd[:64] + st[8 + good_hdr_len:][:1 << 20], True),
+        "aliased-offsets": ("model.safetensors", struct.pack("<Q", len(alias_hdr)) + alias_hdr + st[8 + good_hdr_len:], False),
+        "empty-safetensors": ("model.safetensors", b"", False),
+        "truncated-torch-zip": ("pytorch_model.bin", tb[: len(tb) * 6 // 10], True),
+        "torch-zip-garbage-tail": ("pytorch_model.bin", tb[: len(tb) // 2] + rnd + tb[len(tb) // 2 + len(rnd):], False),
+        "garbage-bin": ("pytorch_model.bin", rnd, False),
+    }
+
+
+GARBAGE = ["truncated-safetensors", "truncated-in-header", "garbage-safetensors", "huge-header-len",
+           "bad-json-header", "aliased-offsets", "empty-safetensors", "truncated-torch-zip",
+           "torch-zip-garbage-tail", "garbage-bin"]
+
+
+@pytest.mark.parametrize("case", GARBAGE)
+def test_malformed_files_import_byte_exact(mfs, family, tmp_path, case):
+    fname, data, warn = _garbage_cases(family, random.Random(case))[case]
+    d = tmp_path / case
+    d.mkdir()
+    (d / fname).write_bytes(data)
+    shutil.copy(family.path("base") / "config.json", d / "config.json")
+    r = mfs.import_(d, ok=None, timeout=120)
+    assert r.returncode == 0, f"import of a malformed {fname} ({case}) must fall back, not fail:\n{r.describe()}"
+    if warn:
+        assert fname in r.stderr, f"expected a warning on stderr naming {fname} ({case}):\n{r.describe()}"
+    check_model(mfs, case, {fname: data, "config.json": family.bytes_of("base", "config.json")},
+                check_hash=len(data) <= SMALL_FOR_B3)
+    mfs.run("verify", ok=True)
+
+
+# ------------------------------------------------------------------------------------------
+# crash consistency
+
+
+@pytest.mark.crash
+def test_sigkill_during_import(modelfs_bin, family, tmp_path, new_store, capsys):
+    crash_mib = float(os.environ.get("MODELFS_TEST_CRASH_MIB", "32"))
+    kills = int(os.environ.get("MODELFS_TEST_KILLS", "24"))
+    b_dir = tmp_path / "B"
+    desc_b = modelfamily.write_single_model(b_dir, base_mib=crash_mib, seed=4242)
+    b_bytes = expected_files(b_dir)
+    a_dir = family.path("base")
+    a_bytes = expected_files(a_dir)
+
+    # how long does the import of B take (after A), in a scratch store?
+    scratch = new_store()
+    scratch.import_(a_dir, "--name", "A", ok=True)
+    t0 = time.monotonic()
+    scratch.import_(b_dir, "--name", "B", ok=True)
+    duration = time.monotonic() - t0
+    shutil.rmtree(scratch.store)
+
+    mfs = new_store()
+    mfs.import_(a_dir, "--name", "A", ok=True)
+    rng = random.Random(20240607)
+    delays = [(i + rng.random()) / kills * duration * 1.15 for i in range(kills)]
+    rng.shuffle(delays)
+    log = []
+    for n, delay in enumerate(delays):
+        errf = tmp_path / f"import-{n}.stderr"
+        with open(errf, "wb") as err:
+            p = subprocess.Popen(mfs.argv("import", b_dir, "--name", "B"), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=err)
+            time.sleep(delay)
+            killed = p.poll() is None
+            if killed:
+                p.kill()  # SIGKILL
+            rc = p.wait()
+        ctx = f"kill #{n} at {delay:.3f}s of ~{duration:.3f}s (killed={killed}, rc={rc})"
+        if not killed:
+            assert rc == 0, f"{ctx}: import failed on its own:\n{errf.read_text()}"
+        r = mfs.run("verify")
+        assert r.returncode == 0, f"{ctx}: verify after SIGKILL failed:\n{r.describe()}"
+        for rel, data in a_bytes.items():
+            assert mfs.cat(f"A/{rel}") == data, f"{ctx}: A/{rel} changed"
+        models = mfs.ls_models()
+        assert "A" in models, ctx
+        if "B" in models:
+            # only acceptable if the import got past its commit point: B must be complete
+            assert models["B"]["files"] == len(b_bytes), f"{ctx}: B listed incomplete: {models['B']}"
+            files = mfs.ls_files("B")
+            assert sorted(files) == sorted(b_bytes), ctx
+            for rel, data in b_bytes.items():
+                assert mfs.cat(f"B/{rel}") == data, f"{ctx}: listed B/{rel} is not byte-exact"
+            mfs.run("rm", "B", ok=True)
+            outcome = "committed"
+        else:
+            assert killed, f"{ctx}: import exited 0 but B is not listed"
+            outcome = "rolled-back"
+        r = mfs.run("gc")
+        assert r.returncode == 0, f"{ctx}: gc after SIGKILL failed:\n{r.describe()}"
+        log.append((round(delay, 3), outcome))
+
+    with capsys.disabled():
+        print(f"\n[crash] B import ~{duration:.2f}s; outcomes: "
+              f"{sum(o == 'rolled-back' for _, o in log)} rolled back, "
+              f"{sum(o == 'committed' for _, o in log)} committed")
+    assert sum(o == "rolled-back" for _, o in log) >= min(5, kills // 2), (
+        f"too few kills landed inside the import to test anything: {sorted(log)}")
+
+    # after all that: B imports fine, everything verifies, and gc left no crash debris
+    mfs.import_(b_dir, "--name", "B", ok=True)
+    for rel, data in b_bytes.items():
+        assert mfs.cat(f"B/{rel}") == data
+    mfs.run("verify", ok=True)
+    mfs.run("gc", ok=True)
+    ideal = modelfamily._ideal([family.models["base"], desc_b])
+    stored = mfs.du()["stored_bytes"]
+    assert stored <= ideal["ideal_bytes"] * 1.005 + slack(ideal["distinct_files"]), (
+        f"store holds {stored} bytes after crashes + gc; ideal for A+B is {ideal['ideal_bytes']}")
+
+
+# ------------------------------------------------------------------------------------------
+# concurrency: parallel imports and gc on one store
+
+
+def test_parallel_imports_and_gc(mfs, family, tmp_path):
+    """Imports of models sharing tensors, racing each other and a gc loop, must all end
+    byte-exact (or, if the store refuses concurrent writers, fail cleanly naming the lock)."""
+    keys = ["base", "ft-head", "ft-last", "resharded"]
+    procs = {}
+    for k in keys:
+        procs[k] = subprocess.Popen(mfs.argv("import", family.path(k)), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gcs = []
+    while any(p.poll() is None for p in procs.values()):
+        gcs.append(mfs.run("gc").returncode)
+    done = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        if p.returncode == 0:
+            done[k] = True
+        else:
+            assert p.returncode == 1 and any(w in err.decode().lower() for w in ("lock", "busy", "running")), (
+                f"concurrent import of {k} failed unexpectedly (rc {p.returncode}): {err.decode()}")
+    assert all(rc == 0 or rc == 1 for rc in gcs), gcs
+    assert done, "every concurrent import failed"
+    assert set(mfs.ls_models()) == set(done)
+    mfs.run("gc", ok=True)
+    mfs.run("verify", ok=True)
+    for k in done:
+        check_model(mfs, k, {f["path"]: family.bytes_of(k, f["path"]) for f in family.files(k)},
+                    check_hash=False)
