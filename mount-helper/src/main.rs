@@ -98,12 +98,55 @@ Symlinks are followed only inside the imported tree (and into a Hugging Face rep
         /// MODEL/PATH, e.g. org/llama-3-8b/config.json
         file: String,
     },
+    /// Mount the store read-only: MOUNTPOINT/<model>/<file> for every model
+    #[command(
+        long_about = "Mount the store read-only at MOUNTPOINT (an empty directory): every model \
+appears as MOUNTPOINT/<model name>/<file path>, byte-identical to what was imported. Files stored \
+whole are served by kernel FUSE passthrough when the kernel and privileges allow it; others are \
+reassembled from memory-mapped store objects, each chunk checked against its hash (a damaged chunk \
+reads as EIO). Models imported or removed while mounted appear or disappear within a second. \
+Statistics: MOUNTPOINT/.modelfs/stats.json.\n\nRuns in the foreground until unmounted or sent \
+SIGTERM/SIGINT; --daemon returns once the mount is ready."
+    )]
+    Mount {
+        /// Empty directory to mount on
+        mountpoint: PathBuf,
+        /// Detach once the mount is ready
+        #[arg(long)]
+        daemon: bool,
+        /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root)
+        #[arg(long)]
+        allow_other: bool,
+        /// Serve whole-file objects by kernel passthrough (auto) or always in copy mode (off)
+        #[arg(long, value_enum, default_value_t = PassthroughArg::Auto)]
+        passthrough: PassthroughArg,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Readahead set on the mount after mounting, in KiB
+        #[arg(long, default_value_t = 1024)]
+        read_ahead_kb: u32,
+    },
+    /// Unmount a modelfs mount (the daemon then exits)
+    Umount {
+        /// Mount point
+        mountpoint: PathBuf,
+        /// Detach even if files are open (they keep working until closed)
+        #[arg(long)]
+        lazy: bool,
+    },
     /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
     Du {
         /// Print JSON
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PassthroughArg {
+    Auto,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -215,6 +258,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             out.flush()?;
         }
+        Command::Mount {
+            mountpoint,
+            daemon,
+            allow_other,
+            passthrough,
+            threads,
+            read_ahead_kb,
+        } => {
+            let cfg = modelfs_fs::MountConfig {
+                store: dir,
+                mountpoint,
+                allow_other,
+                passthrough: match passthrough {
+                    PassthroughArg::Auto => modelfs_fs::Passthrough::Auto,
+                    PassthroughArg::Off => modelfs_fs::Passthrough::Off,
+                },
+                threads,
+                read_ahead_kb,
+                poll_interval: std::time::Duration::from_millis(200),
+            };
+            if daemon {
+                return daemonize(&cfg);
+            }
+            modelfs_fs::mount(&cfg, notify_ready)?;
+        }
+        Command::Umount { mountpoint, lazy } => umount(&mountpoint, lazy)?,
         Command::Du { json } => {
             let store = Store::open(&dir)?;
             let u = store.usage()?;
@@ -226,6 +295,86 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Set by `--daemon`'s parent: the child prints "ready" on stdout once mounted.
+const READY_ENV: &str = "MODELFS_NOTIFY_READY";
+
+fn notify_ready() {
+    if std::env::var_os(READY_ENV).is_some() {
+        println!("ready");
+        let _ = io::stdout().flush();
+        // Nobody reads stdout after this; point it at /dev/null.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 onto our own stdout descriptor.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    }
+}
+
+/// Run the mount in a detached child and return once it reports ready.
+fn daemonize(cfg: &modelfs_fs::MountConfig) -> Result<ExitCode> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    modelfs_fs::check_mountpoint(&cfg.mountpoint)?;
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: setsid in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        println!(
+            "mounted {} (daemon pid {})",
+            cfg.mountpoint.display(),
+            child.id()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait()?;
+    bail!("the mount daemon exited before the mount was ready ({status})");
+}
+
+fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    match modelfs_fs::mount_entry(mountpoint) {
+        Some((_, fstype)) if fstype == "fuse.modelfs" => {}
+        Some((_, fstype)) => bail!(
+            "{}: not a modelfs mount (it is {fstype})",
+            mountpoint.display()
+        ),
+        None => bail!("{}: not mounted", mountpoint.display()),
+    }
+    if lazy {
+        return Ok(modelfs_fs::lazy_unmount(mountpoint)?);
+    }
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("--")
+        .arg(mountpoint)
+        .status()
+        .context("running fusermount3 (install the fuse3 package)")?;
+    if !status.success() {
+        bail!(
+            "{}: unmount failed (busy? files still open; --lazy detaches now and finishes when they close)",
+            mountpoint.display()
+        );
+    }
+    Ok(())
 }
 
 fn import(

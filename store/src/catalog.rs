@@ -362,3 +362,52 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntryInfo> {
         mode: r.get::<_, i64>(3)? as u32,
     })
 }
+
+/// Everything the mount needs, read in one transaction so it is consistent.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub models: Vec<ModelInfo>,
+    /// (model id, entry) for every entry of every model.
+    pub entries: Vec<(i64, EntryInfo)>,
+    pub contents: std::collections::HashMap<i64, ContentInfo>,
+}
+
+impl Catalog {
+    /// A counter that changes whenever another connection commits: the
+    /// mount polls it to notice imports and removals.
+    pub fn data_version(&self) -> Result<i64> {
+        self.sql(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+    }
+
+    /// Read models, entries and the contents they use in one read transaction.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let models = self.models()?;
+        let entries = self.sql(|c| {
+            let mut st = c.prepare("SELECT model, path, kind, content, mode FROM entries")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    EntryInfo {
+                        path: r.get(1)?,
+                        is_dir: r.get::<_, i64>(2)? == KIND_DIR,
+                        content: r.get(3)?,
+                        mode: r.get::<_, i64>(4)? as u32,
+                    },
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let contents = self
+            .all_contents()?
+            .into_iter()
+            .map(|c| (c.id, c))
+            .collect();
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(Snapshot {
+            models,
+            entries,
+            contents,
+        })
+    }
+}

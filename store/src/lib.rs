@@ -29,12 +29,12 @@ mod verify;
 
 use std::path::{Path, PathBuf};
 
-pub use catalog::{Catalog, ContentInfo, EntryInfo, ModelInfo};
+pub use catalog::{Catalog, ContentInfo, EntryInfo, ModelInfo, Snapshot};
 pub use chunker::{CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
-pub use names::validate_model_name;
+pub use names::{validate_model_name, RESERVED as RESERVED_NAME};
 pub use read::FileReader;
 pub use recipe::{Hash, ObjectId, Segment};
 pub use usage::{ModelUsage, Usage};

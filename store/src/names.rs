@@ -7,14 +7,23 @@
 use crate::error::{Error, Result};
 
 const MAX_COMPONENT: usize = 255;
+/// Top-level name the mount uses for its statistics directory.
+pub const RESERVED: &str = ".modelfs";
 const MAX_TOTAL: usize = 4096;
 
 /// Check a model name such as `bert-base` or `org/llama-3-8b-ft1`.
 pub fn validate_model_name(name: &str) -> Result<()> {
-    check_relative_path(name).map_err(|reason| Error::InvalidName {
+    let invalid = |reason: String| Error::InvalidName {
         name: name.to_string(),
         reason,
-    })
+    };
+    check_relative_path(name).map_err(invalid)?;
+    if name.split('/').next() == Some(RESERVED) {
+        return Err(invalid(format!(
+            "{RESERVED:?} is reserved for the mount's own files"
+        )));
+    }
+    Ok(())
 }
 
 /// Check a path of a file inside a model (relative, `/`-separated).

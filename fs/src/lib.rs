@@ -1,0 +1,22 @@
+//! The modelfs filesystem: model files from a store, presented read-only at
+//! a mount point for unmodified loaders.
+//!
+//! Why it is split the way it is: [`vfs`] holds all the logic (the tree of
+//! models, how a file is opened, how copy-mode bytes are read and checked)
+//! and can be tested without a kernel mount; [`fuse`] is a thin adapter that
+//! translates fuser requests into `vfs` calls; [`mount`] owns the session's
+//! life (checks, signals, catalog watching, post-mount tuning).
+//!
+//! Serving follows ../shared/design-notes.md: identical content is one
+//! inode (page cache shared by every path and process), every open keeps the
+//! cache, whole-file objects go through kernel passthrough when allowed, and
+//! recipe files are served from memory-mapped objects with per-chunk checks.
+
+pub mod fuse;
+pub mod mount;
+pub mod tree;
+pub mod vfs;
+
+pub use mount::{
+    check_mountpoint, lazy_unmount, mount, mount_entry, MountConfig, MountError, Passthrough,
+};

@@ -1,0 +1,256 @@
+//! Mounting: checks, the fuser session, the catalog watcher, signals, and
+//! the post-mount tuning the kernel does not let us negotiate.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, INodeNo, MountOption, SessionACL};
+use tracing::{error, info, warn};
+
+use crate::fuse::FuseFs;
+use crate::vfs::Vfs;
+
+/// How whole-file objects are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passthrough {
+    /// Kernel passthrough when the kernel and our privileges allow it.
+    Auto,
+    /// Copy mode for everything.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub store: PathBuf,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub passthrough: Passthrough,
+    /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
+    pub threads: usize,
+    /// read_ahead_kb written to the mount's bdi after mounting.
+    pub read_ahead_kb: u32,
+    /// How often the catalog is polled for imports and removals.
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount point {0}: {1}")]
+    MountPoint(PathBuf, String),
+    #[error(transparent)]
+    Store(#[from] modelfs_store::Error),
+    #[error("mounting {0}: {1}")]
+    Mount(PathBuf, std::io::Error),
+}
+
+/// Refuse a missing, non-directory or non-empty mount point.
+pub fn check_mountpoint(p: &Path) -> Result<(), MountError> {
+    let err = |m: &str| MountError::MountPoint(p.to_path_buf(), m.to_string());
+    let meta = std::fs::metadata(p).map_err(|e| err(&format!("{e}")))?;
+    if !meta.is_dir() {
+        return Err(err("not a directory"));
+    }
+    if mount_entry(p).is_some() {
+        return Err(err("something is already mounted there"));
+    }
+    let mut entries = std::fs::read_dir(p).map_err(|e| err(&format!("{e}")))?;
+    if entries.next().is_some() {
+        return Err(err("directory is not empty"));
+    }
+    Ok(())
+}
+
+/// (device "major:minor", fstype) of the mount at `p`, from /proc/self/mountinfo.
+pub fn mount_entry(p: &Path) -> Option<(String, String)> {
+    let want = std::fs::canonicalize(p).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < 5 || fields.len() <= sep + 1 {
+            continue;
+        }
+        if Path::new(&unescape(fields[4])) == want {
+            // The last matching line is the topmost mount.
+            found = Some((fields[2].to_string(), fields[sep + 1].to_string()));
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Detach the mount: new path lookups fail at once, open files keep being
+/// served until closed, then the session ends.
+pub fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let status = std::process::Command::new("fusermount3")
+        .args(["-u", "-z", "-q", "--"])
+        .arg(mountpoint)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "fusermount3 -u -z {} failed",
+            mountpoint.display()
+        )))
+    }
+}
+
+/// Mount and serve until unmounted or SIGTERM/SIGINT. `on_ready` runs once
+/// the kernel has accepted the mount.
+pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountError> {
+    check_mountpoint(&cfg.mountpoint)?;
+    let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
+        .map_err(|e| MountError::MountPoint(cfg.mountpoint.clone(), e.to_string()))?;
+    let vfs = Arc::new(Vfs::new(&cfg.store, cfg.passthrough == Passthrough::Auto)?);
+    // Signals are taken by a dedicated thread; block them before any thread starts.
+    let sigset = block_signals();
+
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let acl = if cfg.allow_other {
+        SessionACL::All
+    } else if root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    let mut options = vec![
+        MountOption::FSName(vfs.store_root().display().to_string()),
+        MountOption::Subtype("modelfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    if acl != SessionACL::Owner {
+        // fusermount3 unmounts for us if this process dies, even by SIGKILL.
+        options.push(MountOption::AutoUnmount);
+    } else {
+        warn!("without --allow-other an unprivileged mount cannot use auto_unmount: if the daemon is killed, run `modelfs umount {}`", mountpoint.display());
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = acl;
+    config.n_threads = Some(cfg.threads.max(1));
+    config.clone_fd = true;
+
+    let session = fuser::Session::new(FuseFs::new(vfs.clone()), &mountpoint, &config)
+        .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    info!(mountpoint = %mountpoint.display(), store = %vfs.store_root().display(), "mounted");
+    set_read_ahead(&mountpoint, cfg.read_ahead_kb);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let notifier = session.notifier();
+    let watcher = {
+        let (vfs, stop, interval) = (vfs.clone(), stop.clone(), cfg.poll_interval);
+        std::thread::Builder::new()
+            .name("catalog-watch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(interval);
+                    match vfs.refresh() {
+                        Ok(Some(changed)) => {
+                            info!(entries = changed.len(), "catalog changed; tree rebuilt");
+                            for (parent, name) in changed {
+                                let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => warn!("cannot refresh from the catalog: {e}"),
+                    }
+                }
+            })
+            .expect("spawn watcher")
+    };
+    {
+        let mountpoint = mountpoint.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait on a set of blocked signals.
+                if unsafe { libc::sigwait(&sigset, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGHUP {
+                    info!("SIGHUP: nothing to reload");
+                    continue;
+                }
+                info!(signal = sig, "unmounting");
+                if let Err(e) = lazy_unmount(&mountpoint) {
+                    error!("unmount failed: {e}");
+                }
+                return;
+            })
+            .expect("spawn signal thread");
+    }
+    on_ready();
+    let result = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    info!("session ended");
+    result.map_err(|e| MountError::Mount(mountpoint, e))
+}
+
+/// The kernel's INIT offer caps FUSE readahead at 128 KiB; the mount's bdi
+/// accepts more once mounted, which makes copy-mode requests 1 MiB.
+fn set_read_ahead(mountpoint: &Path, kb: u32) {
+    let Some((dev, _)) = mount_entry(mountpoint) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => info!(path, kb, "readahead raised"),
+        Err(e) => info!(
+            path,
+            "cannot raise readahead ({e}); keeping the kernel default"
+        ),
+    }
+}

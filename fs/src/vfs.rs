@@ -1,0 +1,442 @@
+//! The filesystem's logic, independent of FUSE: which inode is what, how a
+//! file is opened (kernel passthrough or copy mode), and how copy-mode bytes
+//! are read and checked. The FUSE adapter only translates.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Instant, SystemTime};
+
+use memmap2::Mmap;
+use modelfs_store::{locks, ContentInfo, ObjectId, Store};
+use tracing::{error, info, warn};
+
+use crate::tree::{Tree, CONTROL_DIR_INO, ROOT_INO, STATS_INO};
+
+/// What a stat shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub is_dir: bool,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+}
+
+/// Counters behind `.modelfs/stats.json`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub read_requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub eio: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+    pub copy_opens: AtomicU64,
+    pub refreshes: AtomicU64,
+}
+
+/// An object file mapped for copy-mode reads. Holding it holds a shared
+/// OFD lock, so gc does not punch holes in it while it is in use.
+pub struct MappedObject {
+    _file: File,
+    map: Mmap,
+    path: PathBuf,
+}
+
+/// Which chunks of a content have been checked since the mount started.
+struct Verified(Vec<AtomicBool>);
+
+/// A content opened in copy mode.
+pub struct OpenContent {
+    content: Arc<ContentInfo>,
+    label: String,
+    /// File offset of each segment.
+    starts: Vec<u64>,
+    objects: HashMap<ObjectId, Arc<MappedObject>>,
+    verified: Arc<Verified>,
+}
+
+/// How an open file is served.
+pub enum OpenPlan {
+    /// Kernel passthrough to this whole-file object.
+    Passthrough {
+        content_id: i64,
+        object: PathBuf,
+    },
+    Copy(Arc<OpenContent>),
+    /// A generated file (stats.json): these bytes.
+    Generated(Vec<u8>),
+}
+
+/// Bytes answering a read: a slice of a mapped object, or a copy assembled
+/// from several chunks.
+pub enum ReadOut {
+    Mapped(Arc<MappedObject>, usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl ReadOut {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadOut::Mapped(o, start, end) => &o.map[*start..*end],
+            ReadOut::Owned(v) => v,
+        }
+    }
+}
+
+pub struct Vfs {
+    store: Mutex<Store>,
+    tree: RwLock<Arc<Tree>>,
+    catalog_version: Mutex<i64>,
+    mounted_at: SystemTime,
+    started: Instant,
+    objects: Mutex<HashMap<ObjectId, Weak<MappedObject>>>,
+    verified: Mutex<HashMap<i64, Arc<Verified>>>,
+    /// Result of checking a whole-file object once per mount: true = intact.
+    whole_checked: Mutex<HashMap<i64, bool>>,
+    passthrough: AtomicBool,
+    pub stats: Stats,
+    store_root: PathBuf,
+}
+
+impl Vfs {
+    pub fn new(store_root: &Path, passthrough: bool) -> modelfs_store::Result<Vfs> {
+        let store = Store::open(store_root)?;
+        let version = store.catalog().data_version()?;
+        let mounted_at = SystemTime::now();
+        let tree = Tree::build(&store.catalog().snapshot()?, mounted_at);
+        Ok(Vfs {
+            store_root: store.root().to_path_buf(),
+            store: Mutex::new(store),
+            tree: RwLock::new(Arc::new(tree)),
+            catalog_version: Mutex::new(version),
+            mounted_at,
+            started: Instant::now(),
+            objects: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
+            whole_checked: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(passthrough),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn store_root(&self) -> &Path {
+        &self.store_root
+    }
+
+    pub fn tree(&self) -> Arc<Tree> {
+        self.tree.read().expect("tree lock").clone()
+    }
+
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Turn passthrough off (the kernel refused it); later opens use copy mode.
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    /// Rebuild the tree if the catalog changed. Returns the (parent, name)
+    /// entries the kernel must forget, or None if nothing changed.
+    pub fn refresh(&self) -> modelfs_store::Result<Option<Vec<(u64, String)>>> {
+        let store = self.store.lock().expect("store lock");
+        let version = store.catalog().data_version()?;
+        let mut known = self.catalog_version.lock().expect("version lock");
+        if version == *known {
+            return Ok(None);
+        }
+        let snap = store.catalog().snapshot()?;
+        let new = Arc::new(Tree::build(&snap, self.mounted_at));
+        let old = std::mem::replace(&mut *self.tree.write().expect("tree lock"), new.clone());
+        *known = version;
+        self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(new.changed_entries(&old)))
+    }
+
+    pub fn attr(&self, tree: &Tree, ino: u64) -> Option<Attr> {
+        if ino == STATS_INO {
+            return Some(Attr {
+                ino,
+                size: 0,
+                is_dir: false,
+                perm: 0o444,
+                nlink: 1,
+                mtime: SystemTime::now(),
+            });
+        }
+        if let Some(d) = tree.dirs.get(&ino) {
+            return Some(Attr {
+                ino,
+                size: 0,
+                is_dir: true,
+                perm: 0o555,
+                nlink: 2 + d.subdirs,
+                mtime: d.mtime,
+            });
+        }
+        tree.files.get(&ino).map(|f| Attr {
+            ino,
+            size: f.content.size,
+            is_dir: false,
+            perm: f.mode as u16,
+            nlink: f.nlink,
+            mtime: f.mtime,
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Option<Attr> {
+        let tree = self.tree();
+        let ino = *tree.dirs.get(&parent)?.children.get(name)?;
+        self.attr(&tree, ino)
+    }
+
+    /// Directory listing with `.` and `..`: (inode, is_dir, name).
+    pub fn readdir(&self, ino: u64) -> Option<Vec<(u64, bool, String)>> {
+        let tree = self.tree();
+        let d = tree.dirs.get(&ino)?;
+        let mut out = vec![
+            (ino, true, ".".to_string()),
+            (d.parent, true, "..".to_string()),
+        ];
+        for (name, &child) in &d.children {
+            let is_dir = tree.dirs.contains_key(&child);
+            out.push((child, is_dir, name.clone()));
+        }
+        Some(out)
+    }
+
+    /// Decide how to serve an open of `ino`. Errors are errno values.
+    pub fn open(&self, ino: u64) -> Result<OpenPlan, i32> {
+        if ino == STATS_INO {
+            return Ok(OpenPlan::Generated(self.stats_json().into_bytes()));
+        }
+        if ino == ROOT_INO || ino == CONTROL_DIR_INO {
+            return Err(libc::EISDIR);
+        }
+        let tree = self.tree();
+        let Some(f) = tree.files.get(&ino) else {
+            return Err(if tree.dirs.contains_key(&ino) {
+                libc::EISDIR
+            } else {
+                libc::ENOENT
+            });
+        };
+        if let Some(obj) = f.content.whole_object {
+            if self.passthrough_enabled() && self.whole_object_intact(&f.content, &f.label) {
+                let path = self.store.lock().expect("store lock").object_path(obj);
+                return Ok(OpenPlan::Passthrough {
+                    content_id: f.content.id,
+                    object: path,
+                });
+            }
+        }
+        self.open_copy(f.content.clone(), &f.label)
+            .map(OpenPlan::Copy)
+    }
+
+    /// Passthrough reads never reach the daemon, so a whole-file object is
+    /// checked once per mount, at its first open: a full BLAKE3 pass (several
+    /// GB/s, and it warms the page cache the reader is about to use). A
+    /// damaged object is served in copy mode instead, where each chunk is
+    /// checked and only damaged ranges fail.
+    fn whole_object_intact(&self, content: &ContentInfo, label: &str) -> bool {
+        if let Some(&ok) = self.whole_checked.lock().expect("lock").get(&content.id) {
+            return ok;
+        }
+        let path = match content.whole_object {
+            Some(obj) => self.store.lock().expect("store lock").object_path(obj),
+            None => return false,
+        };
+        let ok = match File::open(&path) {
+            Ok(file) => {
+                let mut hasher = blake3::Hasher::new();
+                // SAFETY: store objects are never modified in place while
+                // referenced (gc only punches ranges no content uses).
+                match unsafe { Mmap::map(&file) } {
+                    Ok(map) if map.len() as u64 == content.size => {
+                        hasher.update_rayon(&map);
+                        hasher.finalize().as_bytes() == &content.hash.0
+                    }
+                    Ok(_) if content.size == 0 => true,
+                    Ok(map) => {
+                        error!(object = %path.display(), file = label, size = map.len(), "whole-file object has the wrong size");
+                        false
+                    }
+                    Err(e) => {
+                        error!(object = %path.display(), file = label, "cannot map object: {e}");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                error!(object = %path.display(), file = label, "cannot open object: {e}");
+                false
+            }
+        };
+        if !ok {
+            warn!(object = %path.display(), file = label, "whole-file object failed its check; serving it in copy mode, damaged ranges will return EIO");
+        }
+        self.whole_checked
+            .lock()
+            .expect("lock")
+            .insert(content.id, ok);
+        ok
+    }
+
+    fn map_object(&self, id: ObjectId) -> Result<Arc<MappedObject>, i32> {
+        let mut objects = self.objects.lock().expect("objects lock");
+        if let Some(o) = objects.get(&id).and_then(Weak::upgrade) {
+            return Ok(o);
+        }
+        let path = self.store.lock().expect("store lock").object_path(id);
+        let file = File::open(&path).map_err(|e| {
+            error!(object = %path.display(), "cannot open object: {e}");
+            libc::EIO
+        })?;
+        locks::share_object(&file).map_err(|_| libc::EIO)?;
+        // SAFETY: objects are immutable while referenced; see whole_object_intact.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| {
+            error!(object = %path.display(), "cannot map object: {e}");
+            libc::EIO
+        })?;
+        let o = Arc::new(MappedObject {
+            _file: file,
+            map,
+            path,
+        });
+        objects.insert(id, Arc::downgrade(&o));
+        Ok(o)
+    }
+
+    fn open_copy(&self, content: Arc<ContentInfo>, label: &str) -> Result<Arc<OpenContent>, i32> {
+        let mut objects = HashMap::new();
+        for s in &content.segments {
+            if let std::collections::hash_map::Entry::Vacant(slot) = objects.entry(s.object) {
+                slot.insert(self.map_object(s.object)?);
+            }
+        }
+        let verified = self
+            .verified
+            .lock()
+            .expect("verified lock")
+            .entry(content.id)
+            .or_insert_with(|| {
+                Arc::new(Verified(
+                    (0..content.segments.len())
+                        .map(|_| AtomicBool::new(false))
+                        .collect(),
+                ))
+            })
+            .clone();
+        let mut starts = Vec::with_capacity(content.segments.len());
+        let mut pos = 0;
+        for s in &content.segments {
+            starts.push(pos);
+            pos += u64::from(s.len);
+        }
+        Ok(Arc::new(OpenContent {
+            label: label.to_string(),
+            content,
+            starts,
+            objects,
+            verified,
+        }))
+    }
+
+    /// Copy-mode read: each chunk is checked against its hash the first
+    /// time it is read in this mount; a mismatch is EIO, never wrong bytes.
+    pub fn read(&self, open: &OpenContent, offset: u64, size: u32) -> Result<ReadOut, i32> {
+        self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+        let c = &open.content;
+        if offset >= c.size || size == 0 {
+            return Ok(ReadOut::Owned(Vec::new()));
+        }
+        let end = (offset + u64::from(size)).min(c.size);
+        let first = match open.starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i - 1,
+        };
+        let mut i = first;
+        let mut pieces = Vec::new();
+        while i < c.segments.len() && open.starts[i] < end {
+            let s = &c.segments[i];
+            let obj = &open.objects[&s.object];
+            let seg_start = s.object_offset as usize;
+            let seg_end = seg_start + s.len as usize;
+            if seg_end > obj.map.len() {
+                return Err(self.damaged(open, i, "object is truncated"));
+            }
+            if !open.verified.0[i].load(Ordering::Acquire) {
+                if blake3::hash(&obj.map[seg_start..seg_end]).as_bytes() != &s.hash.0 {
+                    return Err(self.damaged(open, i, "chunk does not match its hash"));
+                }
+                open.verified.0[i].store(true, Ordering::Release);
+            }
+            let from = offset.max(open.starts[i]) - open.starts[i];
+            let to = end.min(open.starts[i] + u64::from(s.len)) - open.starts[i];
+            pieces.push((obj, seg_start + from as usize, seg_start + to as usize));
+            i += 1;
+        }
+        self.stats
+            .read_bytes
+            .fetch_add(end - offset, Ordering::Relaxed);
+        if let [(obj, a, b)] = pieces[..] {
+            return Ok(ReadOut::Mapped(Arc::clone(obj), a, b));
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (obj, a, b) in pieces {
+            out.extend_from_slice(&obj.map[a..b]);
+        }
+        Ok(ReadOut::Owned(out))
+    }
+
+    fn damaged(&self, open: &OpenContent, segment: usize, why: &str) -> i32 {
+        let s = &open.content.segments[segment];
+        let path = &open.objects[&s.object].path;
+        error!(
+            file = %open.label,
+            file_offset = open.starts[segment],
+            object = %path.display(),
+            object_offset = s.object_offset,
+            len = s.len,
+            "{why}; returning EIO"
+        );
+        self.stats.eio.fetch_add(1, Ordering::Relaxed);
+        libc::EIO
+    }
+
+    pub fn stats_json(&self) -> String {
+        let tree = self.tree();
+        let s = &self.stats;
+        let v = serde_json::json!({
+            "store": self.store_root,
+            "mode": if self.passthrough_enabled() { "passthrough" } else { "copy" },
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "models_dirs": tree.dirs.len(),
+            "files": tree.files.len(),
+            "read_requests": s.read_requests.load(Ordering::Relaxed),
+            "read_bytes": s.read_bytes.load(Ordering::Relaxed),
+            "eio": s.eio.load(Ordering::Relaxed),
+            "passthrough_opens": s.passthrough_opens.load(Ordering::Relaxed),
+            "copy_opens": s.copy_opens.load(Ordering::Relaxed),
+            "refreshes": s.refreshes.load(Ordering::Relaxed),
+        });
+        let mut text = serde_json::to_string_pretty(&v).expect("json");
+        text.push('\n');
+        text
+    }
+}
+
+impl Vfs {
+    /// Log the serving mode once, at mount time.
+    pub fn log_mode(&self) {
+        if self.passthrough_enabled() {
+            info!("serving whole-file objects by kernel passthrough, recipe files in copy mode");
+        } else {
+            info!("serving all files in copy mode");
+        }
+    }
+}
