@@ -46,3 +46,14 @@ ensure_rust() {
         exit 1
     fi
 }
+
+ensure_fuse() {
+    # The mount needs /dev/fuse and fusermount3 (Debian package fuse3).
+    apt_install fuse3
+    # Debian's udev rule makes /dev/fuse 0666 so ordinary users can mount;
+    # minimal containers create it 0600 (root only). The test suite mounts as
+    # an ordinary user too, so give the device its standard mode.
+    if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+        as_root chmod 0666 /dev/fuse
+    fi
+}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, Rust unit and integration tests,
 # and the Python suite that drives the real binary with files written by the
-# real libraries (safetensors, torch, gguf, onnx). Installs what it needs.
+# real libraries (safetensors, torch, gguf, onnx), and real FUSE mounts read
+# by unmodified loaders (onnxruntime, TensorFlow, ...). Installs what it needs.
 source "$(dirname "$0")/common.sh"
 ensure_rust
+ensure_fuse
 ensure_python_env
 cd "$REPO"
 

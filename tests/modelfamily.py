@@ -798,6 +798,73 @@ def write_hf_cache(cache_root: Path, rng, tok, tok_cfg, gen_cfg) -> Path:
     return snap
 
 
+
+# ----------------------------------------------------------------------------------------
+# TensorFlow / Keras models (not part of the family: only the loader tests use them, and
+# importing TensorFlow is slow, so they are separate functions that import it lazily).
+
+TF_IN, TF_HIDDEN, TF_OUT = 16, 32, 4
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def write_tf_savedmodel(out_dir, seed: int = 0) -> Path:
+    """A tiny TensorFlow SavedModel written by `tf.saved_model.save`: a `tf.Module` with
+    float32 weights, an int64 step counter, and a `serving_default` signature
+    (input `x`: float32 [batch, TF_IN] -> {"logits": [batch, TF_OUT], "hidden_sum": [batch]}).
+    Layout: saved_model.pb, fingerprint.pb, variables/variables.{index,data-00000-of-00001},
+    assets/ (empty). Returns out_dir."""
+    tf = _tf()
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    class TinyMLP(tf.Module):
+        def __init__(self):
+            super().__init__(name="tiny_mlp")
+            self.w1 = tf.Variable(rng.standard_normal((TF_IN, TF_HIDDEN)).astype(np.float32), name="w1")
+            self.b1 = tf.Variable(rng.standard_normal(TF_HIDDEN).astype(np.float32), name="b1")
+            self.w2 = tf.Variable(rng.standard_normal((TF_HIDDEN, TF_OUT)).astype(np.float32), name="w2")
+            self.step = tf.Variable(np.int64(1234567), name="step", trainable=False)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, TF_IN], tf.float32, name="x")])
+        def __call__(self, x):
+            h = tf.nn.relu(tf.matmul(x, self.w1) + self.b1)
+            return {"logits": tf.matmul(h, self.w2), "hidden_sum": tf.reduce_sum(h, axis=1)}
+
+    m = TinyMLP()
+    tf.saved_model.save(m, str(out), signatures={"serving_default": m.__call__})
+    return out
+
+
+def write_keras(out_dir, seed: int = 0) -> Path:
+    """A small Keras 3 model saved with `model.save(out_dir / "model.keras")` (the .keras zip:
+    config.json, metadata.json, model.weights.h5), plus the same weights as a separate
+    `model.weights.h5` (HDF5 via h5py). Dense(TF_HIDDEN, relu) -> Dense(TF_OUT); input
+    float32 [batch, TF_IN]. Returns the path of model.keras."""
+    _tf()
+    import keras
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((TF_IN,), name="x"),
+        keras.layers.Dense(TF_HIDDEN, activation="relu", name="dense_1"),
+        keras.layers.Dense(TF_OUT, name="dense_2"),
+    ], name="tiny_keras")
+    rng = np.random.default_rng(seed + 1)
+    model.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(str(out / "model.keras"))
+    model.save_weights(str(out / "model.weights.h5"))
+    return out / "model.keras"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")

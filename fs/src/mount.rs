@@ -34,6 +34,9 @@ pub struct MountConfig {
     pub read_ahead_kb: u32,
     /// How often the catalog is polled for imports and removals.
     pub poll_interval: Duration,
+    /// After SIGTERM/SIGINT, how long files still open may keep reading
+    /// before the connection is aborted.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,10 +199,16 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(interval);
                     match vfs.refresh() {
-                        Ok(Some(changed)) => {
-                            info!(entries = changed.len(), "catalog changed; tree rebuilt");
-                            for (parent, name) in changed {
+                        Ok(Some(changes)) => {
+                            info!(
+                                entries = changes.entries.len(),
+                                "catalog changed; tree rebuilt"
+                            );
+                            for (parent, name) in changes.entries {
                                 let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
+                            }
+                            for dir in changes.dirs {
+                                let _ = notifier.inval_inode(INodeNo(dir), 0, 0);
                             }
                         }
                         Ok(None) => {}
@@ -211,6 +220,8 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
     };
     {
         let mountpoint = mountpoint.clone();
+        let device = mount_entry(&mountpoint).map(|(dev, _)| dev);
+        let grace = cfg.shutdown_grace;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
@@ -227,7 +238,17 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
                 if let Err(e) = lazy_unmount(&mountpoint) {
                     error!("unmount failed: {e}");
                 }
-                return;
+                // Detached: no new opens. Requests in flight finish now; files
+                // still held open get `grace` to be closed, then the
+                // connection is aborted so the daemon exits.
+                std::thread::sleep(grace);
+                if let Some(dev) = &device {
+                    let minor = dev.rsplit(':').next().unwrap_or("");
+                    let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                warn!("files were still open {grace:?} after the signal; exiting");
+                std::process::exit(0);
             })
             .expect("spawn signal thread");
     }

@@ -169,6 +169,16 @@ impl Tree {
         parent
     }
 
+    /// Directories present in both trees whose children changed: their
+    /// cached attributes (link count, mtime) are stale.
+    pub fn changed_dirs(&self, old: &Tree) -> Vec<u64> {
+        self.dirs
+            .iter()
+            .filter(|(ino, d)| old.dirs.get(ino).is_some_and(|o| o.children != d.children))
+            .map(|(ino, _)| *ino)
+            .collect()
+    }
+
     /// Names whose entry changed between `old` and `self`: (parent, name).
     /// The kernel caches lookups for a long TTL, so these must be invalidated.
     pub fn changed_entries(&self, old: &Tree) -> Vec<(u64, String)> {
@@ -260,6 +270,7 @@ mod tests {
         let again = Tree::build(&snap, UNIX_EPOCH);
         assert_eq!(again.dirs[&ROOT_INO].children["org"], org);
         assert!(again.changed_entries(&t).is_empty());
+        assert!(again.changed_dirs(&t).is_empty());
         let fewer = Tree::build(
             &Snapshot {
                 models: vec![model(1, "a")],

@@ -15,6 +15,15 @@ use tracing::{error, info, warn};
 
 use crate::tree::{Tree, CONTROL_DIR_INO, ROOT_INO, STATS_INO};
 
+/// What changed in a refresh, for kernel cache invalidation.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// (parent inode, name) whose lookup result changed or vanished.
+    pub entries: Vec<(u64, String)>,
+    /// Directories whose listing or link count changed.
+    pub dirs: Vec<u64>,
+}
+
 /// What a stat shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
@@ -103,6 +112,9 @@ pub struct Vfs {
 
 impl Vfs {
     pub fn new(store_root: &Path, passthrough: bool) -> modelfs_store::Result<Vfs> {
+        // Registering passthrough backing files needs CAP_SYS_ADMIN.
+        // SAFETY: geteuid has no preconditions.
+        let passthrough = passthrough && unsafe { libc::geteuid() } == 0;
         let store = Store::open(store_root)?;
         let version = store.catalog().data_version()?;
         let mounted_at = SystemTime::now();
@@ -139,9 +151,9 @@ impl Vfs {
         self.passthrough.store(false, Ordering::Relaxed);
     }
 
-    /// Rebuild the tree if the catalog changed. Returns the (parent, name)
-    /// entries the kernel must forget, or None if nothing changed.
-    pub fn refresh(&self) -> modelfs_store::Result<Option<Vec<(u64, String)>>> {
+    /// Rebuild the tree if the catalog changed. Returns what the kernel must
+    /// forget, or None if nothing changed.
+    pub fn refresh(&self) -> modelfs_store::Result<Option<Changes>> {
         let store = self.store.lock().expect("store lock");
         let version = store.catalog().data_version()?;
         let mut known = self.catalog_version.lock().expect("version lock");
@@ -153,7 +165,10 @@ impl Vfs {
         let old = std::mem::replace(&mut *self.tree.write().expect("tree lock"), new.clone());
         *known = version;
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(new.changed_entries(&old)))
+        Ok(Some(Changes {
+            entries: new.changed_entries(&old),
+            dirs: new.changed_dirs(&old),
+        }))
     }
 
     pub fn attr(&self, tree: &Tree, ino: u64) -> Option<Attr> {

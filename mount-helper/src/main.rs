@@ -126,6 +126,12 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
         /// Readahead set on the mount after mounting, in KiB
         #[arg(long, default_value_t = 1024)]
         read_ahead_kb: u32,
+        /// After SIGTERM/SIGINT, seconds that files still open may keep reading before the daemon exits
+        #[arg(long, default_value_t = 2.0)]
+        shutdown_grace: f64,
+        /// With --daemon: write the daemon's log here (default: discarded once mounted)
+        #[arg(long, value_name = "FILE")]
+        log_file: Option<PathBuf>,
     },
     /// Unmount a modelfs mount (the daemon then exits)
     Umount {
@@ -265,6 +271,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             passthrough,
             threads,
             read_ahead_kb,
+            shutdown_grace,
+            log_file,
         } => {
             let cfg = modelfs_fs::MountConfig {
                 store: dir,
@@ -277,11 +285,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 threads,
                 read_ahead_kb,
                 poll_interval: std::time::Duration::from_millis(200),
+                shutdown_grace: std::time::Duration::from_secs_f64(shutdown_grace.max(0.0)),
             };
             if daemon {
                 return daemonize(&cfg);
             }
-            modelfs_fs::mount(&cfg, notify_ready)?;
+            modelfs_fs::mount(&cfg, || notify_ready(log_file.as_deref()))?;
         }
         Command::Umount { mountpoint, lazy } => umount(&mountpoint, lazy)?,
         Command::Du { json } => {
@@ -300,16 +309,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// Set by `--daemon`'s parent: the child prints "ready" on stdout once mounted.
 const READY_ENV: &str = "MODELFS_NOTIFY_READY";
 
-fn notify_ready() {
-    if std::env::var_os(READY_ENV).is_some() {
-        println!("ready");
-        let _ = io::stdout().flush();
-        // Nobody reads stdout after this; point it at /dev/null.
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            use std::os::fd::AsRawFd;
-            // SAFETY: dup2 onto our own stdout descriptor.
-            unsafe { libc::dup2(null.as_raw_fd(), 1) };
-        }
+fn notify_ready(log_file: Option<&Path>) {
+    use std::os::fd::AsRawFd;
+    if std::env::var_os(READY_ENV).is_none() {
+        return;
+    }
+    println!("ready");
+    let _ = io::stdout().flush();
+    // The parent has returned: nobody reads our stdout/stderr any more, and
+    // holding them would keep a caller's pipe open forever.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
+    let log = log_file.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+    });
+    if let Ok(null) = &null {
+        // SAFETY: dup2 onto our own standard descriptors.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+    match (log, &null) {
+        // SAFETY: as above.
+        (Some(Ok(f)), _) => unsafe {
+            libc::dup2(f.as_raw_fd(), 2);
+        },
+        // SAFETY: as above.
+        (_, Ok(null)) => unsafe {
+            libc::dup2(null.as_raw_fd(), 2);
+        },
+        _ => {}
     }
 }
 
