@@ -430,7 +430,7 @@ impl Vfs {
             "store": self.store_root,
             "mode": if self.passthrough_enabled() { "passthrough" } else { "copy" },
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "models_dirs": tree.dirs.len(),
+            "directories": tree.dirs.len(),
             "files": tree.files.len(),
             "read_requests": s.read_requests.load(Ordering::Relaxed),
             "read_bytes": s.read_bytes.load(Ordering::Relaxed),
