@@ -237,10 +237,16 @@ impl Filesystem for FuseFs {
             }
         };
         match handle {
-            Ok(open) => match self.vfs.read(&open, offset, size) {
-                Ok(out) => reply.data(out.as_slice()),
-                Err(e) => reply.error(errno(e)),
-            },
+            Ok(open) => {
+                let started = std::time::Instant::now();
+                match self.vfs.read(&open, offset, size) {
+                    Ok(out) => reply.data(out.as_slice()),
+                    Err(e) => reply.error(errno(e)),
+                }
+                self.vfs
+                    .stats
+                    .record_read_latency(started.elapsed().as_micros() as u64);
+            }
             Err(Some(bytes)) => reply.data(&bytes),
             Err(None) => reply.error(Errno::EBADF),
         }

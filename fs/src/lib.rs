@@ -18,5 +18,7 @@ pub mod tree;
 pub mod vfs;
 
 pub use mount::{
-    check_mountpoint, lazy_unmount, mount, mount_entry, MountConfig, MountError, Passthrough,
+    check_mountpoint, lazy_unmount, mount, mount_entry, Hooks, MountConfig, MountError, NoHooks,
+    Passthrough,
 };
+pub use vfs::Vfs;

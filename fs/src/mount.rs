@@ -144,9 +144,24 @@ pub fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Mount and serve until unmounted or SIGTERM/SIGINT. `on_ready` runs once
-/// the kernel has accepted the mount.
-pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountError> {
+/// What the program around the mount wants to hear about: the service layer
+/// (readiness notification, metrics, configuration reload) lives outside
+/// this crate.
+pub trait Hooks: Send + Sync {
+    /// The kernel accepted the mount; requests are about to be served.
+    fn ready(&self, _vfs: &Arc<Vfs>) {}
+    /// SIGHUP.
+    fn reload(&self) {}
+    /// SIGTERM/SIGINT: the mount is going away.
+    fn stopping(&self) {}
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// Mount and serve until unmounted or SIGTERM/SIGINT.
+pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError> {
     check_mountpoint(&cfg.mountpoint)?;
     let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
         .map_err(|e| MountError::MountPoint(cfg.mountpoint.clone(), e.to_string()))?;
@@ -222,6 +237,7 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
         let mountpoint = mountpoint.clone();
         let device = mount_entry(&mountpoint).map(|(dev, _)| dev);
         let grace = cfg.shutdown_grace;
+        let hooks = hooks.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
@@ -231,10 +247,12 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
                     continue;
                 }
                 if sig == libc::SIGHUP {
-                    info!("SIGHUP: nothing to reload");
+                    info!("SIGHUP: reloading configuration");
+                    hooks.reload();
                     continue;
                 }
                 info!(signal = sig, "unmounting");
+                hooks.stopping();
                 if let Err(e) = lazy_unmount(&mountpoint) {
                     error!("unmount failed: {e}");
                 }
@@ -252,7 +270,7 @@ pub fn mount(cfg: &MountConfig, on_ready: impl FnOnce()) -> Result<(), MountErro
             })
             .expect("spawn signal thread");
     }
-    on_ready();
+    hooks.ready(&vfs);
     let result = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();

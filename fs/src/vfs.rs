@@ -42,8 +42,32 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     pub eio: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// Sizes of the files opened by passthrough: the kernel reads them
+    /// without the daemon, so this is the only byte count it has for them.
+    pub passthrough_opened_bytes: AtomicU64,
     pub copy_opens: AtomicU64,
     pub refreshes: AtomicU64,
+    /// Copy-mode read latency histogram: counts per bucket of
+    /// [`LATENCY_BUCKETS_US`] (the last counts everything slower).
+    pub read_latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub read_latency_sum_us: AtomicU64,
+}
+
+/// Upper bounds (microseconds) of the read latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
+impl Stats {
+    pub fn record_read_latency(&self, micros: u64) {
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| micros <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.read_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.read_latency_sum_us
+            .fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 /// An object file mapped for copy-mode reads. Holding it holds a shared
@@ -423,6 +447,11 @@ impl Vfs {
         libc::EIO
     }
 
+    /// Seconds since the mount started.
+    pub fn uptime(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     pub fn stats_json(&self) -> String {
         let tree = self.tree();
         let s = &self.stats;
@@ -436,6 +465,7 @@ impl Vfs {
             "read_bytes": s.read_bytes.load(Ordering::Relaxed),
             "eio": s.eio.load(Ordering::Relaxed),
             "passthrough_opens": s.passthrough_opens.load(Ordering::Relaxed),
+            "passthrough_opened_bytes": s.passthrough_opened_bytes.load(Ordering::Relaxed),
             "copy_opens": s.copy_opens.load(Ordering::Relaxed),
             "refreshes": s.refreshes.load(Ordering::Relaxed),
         });

@@ -5,7 +5,11 @@
 //! (`mount.fuse.modelfs`) and the systemd service's `modelfs mount`, so the
 //! CLI, the helper and the unit files ship together.
 
+mod config;
+mod helper;
+mod install;
 mod output;
+mod service;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +35,10 @@ struct Cli {
     /// Store directory [default: $MODELFS_STORE, /var/lib/modelfs for root, else $XDG_DATA_HOME/modelfs]
     #[arg(long, global = true, env = "MODELFS_STORE", value_name = "DIR")]
     store: Option<PathBuf>,
+
+    /// Configuration file [default: /etc/modelfs/config.toml if it exists]; flags override it
+    #[arg(long, global = true, env = "MODELFS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -108,31 +116,7 @@ reads as EIO). Models imported or removed while mounted appear or disappear with
 Statistics: MOUNTPOINT/.modelfs/stats.json.\n\nRuns in the foreground until unmounted or sent \
 SIGTERM/SIGINT; --daemon returns once the mount is ready."
     )]
-    Mount {
-        /// Empty directory to mount on
-        mountpoint: PathBuf,
-        /// Detach once the mount is ready
-        #[arg(long)]
-        daemon: bool,
-        /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root)
-        #[arg(long)]
-        allow_other: bool,
-        /// Serve whole-file objects by kernel passthrough (auto) or always in copy mode (off)
-        #[arg(long, value_enum, default_value_t = PassthroughArg::Auto)]
-        passthrough: PassthroughArg,
-        /// FUSE worker threads
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// Readahead set on the mount after mounting, in KiB
-        #[arg(long, default_value_t = 1024)]
-        read_ahead_kb: u32,
-        /// After SIGTERM/SIGINT, seconds that files still open may keep reading before the daemon exits
-        #[arg(long, default_value_t = 2.0)]
-        shutdown_grace: f64,
-        /// With --daemon: write the daemon's log here (default: discarded once mounted)
-        #[arg(long, value_name = "FILE")]
-        log_file: Option<PathBuf>,
-    },
+    Mount(MountArgs),
     /// Unmount a modelfs mount (the daemon then exits)
     Umount {
         /// Mount point
@@ -141,6 +125,19 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
         #[arg(long)]
         lazy: bool,
     },
+    /// Is the store mounted, in which mode, what it holds and serves
+    Status {
+        /// Mount point [default: `mountpoint` from the configuration]
+        mountpoint: Option<PathBuf>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a configuration file; names the bad key and exits 1 if it is invalid
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Install the binary, the mount helper, the systemd unit and an example configuration
+    Install(install::InstallArgs),
     /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
     Du {
         /// Print JSON
@@ -149,21 +146,80 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
     },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum PassthroughArg {
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (default: --config, else /etc/modelfs/config.toml)
+    Check { file: Option<PathBuf> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PassthroughArg {
     Auto,
     Off,
 }
 
+/// `modelfs mount` options; each unset one falls back to the configuration file.
+#[derive(clap::Args, Default)]
+pub struct MountArgs {
+    /// Empty directory to mount on [default: `mountpoint` from the configuration]
+    pub mountpoint: Option<PathBuf>,
+    /// Detach once the mount is ready
+    #[arg(long)]
+    pub daemon: bool,
+    /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Serve whole-file objects by kernel passthrough (auto) or always in copy mode (off) [default: auto]
+    #[arg(long, value_enum)]
+    pub passthrough: Option<PassthroughArg>,
+    /// FUSE worker threads [default: 4]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Readahead set on the mount after mounting, in KiB [default: 1024]
+    #[arg(long)]
+    pub read_ahead_kb: Option<u32>,
+    /// After SIGTERM/SIGINT, seconds files still open may keep reading before the daemon exits [default: 2]
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
+    /// Memory budget for pinning chunks many models share ("4GiB", "25%") [default: 25%]
+    #[arg(long)]
+    pub pin_budget: Option<String>,
+    /// Serve Prometheus metrics at this address, e.g. 127.0.0.1:9477 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// With --daemon: write the daemon's log here (default: discarded once mounted)
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(io::stderr)
-        .init();
-    let cli = Cli::parse();
+    // Invoked by mount(8) as mount.fuse.modelfs (or mount.modelfs)?
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let program = Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let is_helper = program.starts_with("mount.");
+    let cli = if is_helper {
+        match helper::parse(std::env::args_os().skip(1).collect()) {
+            Ok(cli) => cli,
+            Err(e) => {
+                eprintln!("{program}: {e:#}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        Cli::parse()
+    };
+    // A `--daemon` child logs to the caller's terminal until it is ready:
+    // keep that to warnings unless the log goes to a file.
+    let default_log = match &cli.command {
+        Command::Mount(m) if m.log_file.is_none() && std::env::var_os(READY_ENV).is_some() => "warn",
+        Command::Mount(m) if m.daemon => "warn",
+        Command::Mount(_) => "info",
+        _ => "warn",
+    };
+    service::init_logging(default_log);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -178,13 +234,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn store_dir(cli_store: Option<PathBuf>) -> PathBuf {
-    cli_store.unwrap_or_else(default_store_dir)
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
-    let dir = store_dir(cli.store);
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        let path = file
+            .clone()
+            .or_else(|| cli.config.clone())
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+        let cfg = config::FileConfig::load(&path)?;
+        println!("{}: ok", path.display());
+        if let Some(b) = &cfg.pin_budget {
+            println!("  pin_budget = {b} ({} bytes)", config::parse_size(b)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (config_path, file_cfg) = config::FileConfig::discover(cli.config.as_deref())?;
+    let dir = cli
+        .store
+        .clone()
+        .or_else(|| file_cfg.store.clone())
+        .unwrap_or_else(default_store_dir);
     match cli.command {
+        Command::Config(_) => unreachable!("handled above"),
+        Command::Install(args) => install::run(&args)?,
+        Command::Status { mountpoint, json } => {
+            let mnt = mountpoint.or(file_cfg.mountpoint.clone());
+            return status(&dir, mnt.as_deref(), json);
+        }
         Command::Init => {
             Store::init(&dir).with_context(|| format!("creating store {}", dir.display()))?;
             println!("store ready at {}", dir.display());
@@ -264,34 +339,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             out.flush()?;
         }
-        Command::Mount {
-            mountpoint,
-            daemon,
-            allow_other,
-            passthrough,
-            threads,
-            read_ahead_kb,
-            shutdown_grace,
-            log_file,
-        } => {
-            let cfg = modelfs_fs::MountConfig {
-                store: dir,
-                mountpoint,
-                allow_other,
-                passthrough: match passthrough {
-                    PassthroughArg::Auto => modelfs_fs::Passthrough::Auto,
-                    PassthroughArg::Off => modelfs_fs::Passthrough::Off,
-                },
-                threads,
-                read_ahead_kb,
-                poll_interval: std::time::Duration::from_millis(200),
-                shutdown_grace: std::time::Duration::from_secs_f64(shutdown_grace.max(0.0)),
-            };
-            if daemon {
-                return daemonize(&cfg);
-            }
-            modelfs_fs::mount(&cfg, || notify_ready(log_file.as_deref()))?;
-        }
+        Command::Mount(args) => return mount(dir, args, config_path, &file_cfg),
         Command::Umount { mountpoint, lazy } => umount(&mountpoint, lazy)?,
         Command::Du { json } => {
             let store = Store::open(&dir)?;
@@ -342,17 +390,77 @@ fn notify_ready(log_file: Option<&Path>) {
     }
 }
 
-/// Run the mount in a detached child and return once it reports ready.
-fn daemonize(cfg: &modelfs_fs::MountConfig) -> Result<ExitCode> {
+/// Build the mount configuration: flags, else the configuration file, else defaults.
+fn mount(
+    store: PathBuf,
+    args: MountArgs,
+    config_path: Option<PathBuf>,
+    file: &config::FileConfig,
+) -> Result<ExitCode> {
+    let Some(mountpoint) = args.mountpoint.clone().or(file.mountpoint.clone()) else {
+        bail!("no mount point: give one, or set `mountpoint` in the configuration file");
+    };
+    let passthrough = match args.passthrough {
+        Some(PassthroughArg::Off) => modelfs_fs::Passthrough::Off,
+        Some(PassthroughArg::Auto) => modelfs_fs::Passthrough::Auto,
+        None if file.passthrough.as_deref() == Some("off") => modelfs_fs::Passthrough::Off,
+        None => modelfs_fs::Passthrough::Auto,
+    };
+    let pin_budget = match args.pin_budget.as_deref().or(file.pin_budget.as_deref()) {
+        Some(b) => config::parse_size(b).with_context(|| format!("--pin-budget {b}"))?,
+        None => config::parse_size("25%")?,
+    };
+    let metrics = match args.metrics.as_deref().or(file.metrics.as_deref()) {
+        Some(m) => Some(
+            m.parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--metrics {m:?}: not an address like 127.0.0.1:9477"))?,
+        ),
+        None => None,
+    };
+    if let Some(l) = &file.log {
+        service::set_log_filter(l);
+    }
+    let cfg = modelfs_fs::MountConfig {
+        store: store.clone(),
+        mountpoint: mountpoint.clone(),
+        allow_other: args.allow_other || file.allow_other.unwrap_or(false),
+        passthrough,
+        threads: args.threads.or(file.threads).unwrap_or(4),
+        read_ahead_kb: args.read_ahead_kb.or(file.read_ahead_kb).unwrap_or(1024),
+        poll_interval: std::time::Duration::from_millis(200),
+        shutdown_grace: std::time::Duration::from_secs_f64(
+            args.shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(2.0)
+                .max(0.0),
+        ),
+    };
+    if args.daemon {
+        modelfs_fs::check_mountpoint(&mountpoint)?;
+        return daemonize(&mountpoint);
+    }
+    let live = std::sync::Arc::new(service::Live::default());
+    live.pin_budget
+        .store(pin_budget, std::sync::atomic::Ordering::Relaxed);
+    let log_file = args.log_file.clone();
+    let svc = service::Service {
+        config_path,
+        store,
+        metrics,
+        live,
+        on_ready: std::sync::Mutex::new(Some(Box::new(move || notify_ready(log_file.as_deref())))),
+    };
+    modelfs_fs::mount(&cfg, std::sync::Arc::new(svc))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the mount in a detached child (same arguments, without --daemon) and
+/// return once it reports ready.
+fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    modelfs_fs::check_mountpoint(&cfg.mountpoint)?;
-    let args: Vec<_> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--daemon")
-        .collect();
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(&args)
+    cmd.args(helper::args_without_daemon())
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
@@ -370,13 +478,70 @@ fn daemonize(cfg: &modelfs_fs::MountConfig) -> Result<ExitCode> {
     if line.trim() == "ready" {
         println!(
             "mounted {} (daemon pid {})",
-            cfg.mountpoint.display(),
+            mountpoint.display(),
             child.id()
         );
         return Ok(ExitCode::SUCCESS);
     }
     let status = child.wait()?;
     bail!("the mount daemon exited before the mount was ready ({status})");
+}
+
+/// `modelfs status`: the mount's own statistics plus the store's usage.
+fn status(store: &Path, mountpoint: Option<&Path>, as_json: bool) -> Result<ExitCode> {
+    let mounted = mountpoint.and_then(|m| {
+        let (_, fstype) = modelfs_fs::mount_entry(m)?;
+        (fstype == "fuse.modelfs").then_some(m)
+    });
+    let stats: Option<serde_json::Value> = mounted.and_then(|m| {
+        let text = std::fs::read_to_string(m.join(".modelfs/stats.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    });
+    let usage = Store::open(store).ok().map(|s| s.usage()).transpose()?;
+    let v = serde_json::json!({
+        "mounted": stats.is_some(),
+        "mountpoint": mountpoint,
+        "store": store,
+        "mode": stats.as_ref().and_then(|s| s.get("mode").cloned()),
+        "uptime_seconds": stats.as_ref().and_then(|s| s.get("uptime_seconds").cloned()),
+        "models": usage.as_ref().map(|u| u.models.len()),
+        "logical_bytes": usage.as_ref().map(|u| u.logical_bytes),
+        "stored_bytes": usage.as_ref().map(|u| u.stored_bytes),
+        "pinned_bytes": 0,
+        "stats": stats,
+    });
+    if as_json {
+        output::json(&v)?;
+    } else {
+        match (&stats, mountpoint) {
+            (Some(s), Some(m)) => println!(
+                "mounted at {} ({} mode), up {:.0} s; {} read requests, {} EIO",
+                m.display(),
+                s["mode"].as_str().unwrap_or("?"),
+                s["uptime_seconds"].as_f64().unwrap_or(0.0),
+                s["read_requests"],
+                s["eio"]
+            ),
+            (None, Some(m)) => println!("not mounted at {}", m.display()),
+            (None, None) => println!("no mount point given or configured"),
+            (Some(_), None) => unreachable!(),
+        }
+        match &usage {
+            Some(u) => println!(
+                "store {}: {} models, {} logical, {} stored; pinned 0 B",
+                store.display(),
+                u.models.len(),
+                HumanBytes(u.logical_bytes),
+                HumanBytes(u.stored_bytes)
+            ),
+            None => println!("store {}: not a store", store.display()),
+        }
+    }
+    Ok(if stats.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
