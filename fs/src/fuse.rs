@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -43,7 +43,8 @@ pub struct FuseFs {
     vfs: Arc<Vfs>,
     uid: u32,
     gid: u32,
-    handles: Mutex<HashMap<u64, Handle>>,
+    /// Read on every request, written on open/release: a reader-writer lock.
+    handles: RwLock<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     backings: Mutex<HashMap<u64, Backing>>,
 }
@@ -56,7 +57,7 @@ impl FuseFs {
             vfs,
             uid,
             gid,
-            handles: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             backings: Mutex::new(HashMap::new()),
         }
@@ -88,7 +89,7 @@ impl FuseFs {
 
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().expect("handles").insert(fh, h);
+        self.handles.write().expect("handles").insert(fh, h);
         fh
     }
 
@@ -224,7 +225,7 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let handle = {
-            let handles = self.handles.lock().expect("handles");
+            let handles = self.handles.read().expect("handles");
             match handles.get(&fh.0) {
                 Some(Handle::Copy(c)) => Ok(c.clone()),
                 Some(Handle::Generated(bytes)) => {
@@ -262,7 +263,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let removed = self.handles.lock().expect("handles").remove(&fh.0);
+        let removed = self.handles.write().expect("handles").remove(&fh.0);
         if let Some(Handle::Passthrough(ino)) = removed {
             let mut backings = self.backings.lock().expect("backings");
             if let Some(b) = backings.get_mut(&ino) {

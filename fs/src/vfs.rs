@@ -399,7 +399,7 @@ impl Vfs {
             Err(i) => i - 1,
         };
         let mut i = first;
-        let mut pieces = Vec::new();
+        let mut pieces: Vec<(&Arc<MappedObject>, usize, usize)> = Vec::new();
         while i < c.segments.len() && open.starts[i] < end {
             let s = &c.segments[i];
             let obj = &open.objects[&s.object];
@@ -416,7 +416,13 @@ impl Vfs {
             }
             let from = offset.max(open.starts[i]) - open.starts[i];
             let to = end.min(open.starts[i] + u64::from(s.len)) - open.starts[i];
-            pieces.push((obj, seg_start + from as usize, seg_start + to as usize));
+            let (a, b) = (seg_start + from as usize, seg_start + to as usize);
+            // Consecutive chunks stored back to back in one object (the
+            // usual case: a tensor's pieces) are served as one slice.
+            match pieces.last_mut() {
+                Some((last, _, end)) if Arc::ptr_eq(last, obj) && *end == a => *end = b,
+                _ => pieces.push((obj, a, b)),
+            }
             i += 1;
         }
         self.stats
