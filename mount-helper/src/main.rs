@@ -214,7 +214,9 @@ fn main() -> ExitCode {
     // A `--daemon` child logs to the caller's terminal until it is ready:
     // keep that to warnings unless the log goes to a file.
     let default_log = match &cli.command {
-        Command::Mount(m) if m.log_file.is_none() && std::env::var_os(READY_ENV).is_some() => "warn",
+        Command::Mount(m) if m.log_file.is_none() && std::env::var_os(READY_ENV).is_some() => {
+            "warn"
+        }
         Command::Mount(m) if m.daemon => "warn",
         Command::Mount(_) => "info",
         _ => "warn",
