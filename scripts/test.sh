@@ -6,6 +6,8 @@
 source "$(dirname "$0")/common.sh"
 ensure_rust
 ensure_fuse
+# systemd-analyze (unit checks) and /bin/kill (the unit's ExecReload).
+apt_install systemd procps
 ensure_python_env
 cd "$REPO"
 

@@ -173,6 +173,12 @@ impl Filesystem for FuseFs {
                             .stats
                             .passthrough_opens
                             .fetch_add(1, Ordering::Relaxed);
+                        if let Some(f) = self.vfs.tree().files.get(&ino.0) {
+                            self.vfs
+                                .stats
+                                .passthrough_opened_bytes
+                                .fetch_add(f.content.size, Ordering::Relaxed);
+                        }
                         let backings = self.backings.lock().expect("backings");
                         let b = &backings[&ino.0];
                         // KEEP_CACHE is not allowed with passthrough (the kernel

@@ -44,6 +44,9 @@ pub struct FileNode {
 pub struct Tree {
     pub dirs: HashMap<u64, DirNode>,
     pub files: HashMap<u64, FileNode>,
+    /// Number of models and the sum of their file sizes (for status lines).
+    pub models: usize,
+    pub logical_bytes: u64,
 }
 
 pub fn file_ino(content_id: i64) -> u64 {
@@ -62,7 +65,11 @@ fn time_of(ns: i64) -> SystemTime {
 
 impl Tree {
     pub fn build(snap: &Snapshot, mounted_at: SystemTime) -> Tree {
-        let mut t = Tree::default();
+        let mut t = Tree {
+            models: snap.models.len(),
+            logical_bytes: snap.models.iter().map(|m| m.logical_bytes).sum(),
+            ..Tree::default()
+        };
         t.dirs.insert(
             ROOT_INO,
             DirNode {

@@ -94,6 +94,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
         };
         let flag = match key {
             "allow_other" => {
+                if value.is_some() {
+                    bail!("mount option allow_other takes no value (got {opt:?})");
+                }
                 mount.push("--allow-other".into());
                 continue;
             }
@@ -106,12 +109,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
             | "metrics" | "log_file" => format!("--{}", key.replace('_', "-")),
             _ => bail!("unknown mount option {opt:?} (see mount.fuse.modelfs -h)"),
         };
-        mount.push(flag);
-        mount.push(
-            value
-                .with_context(|| format!("mount option {key} needs a value ({key}=...)"))?
-                .into(),
-        );
+        let value =
+            value.with_context(|| format!("mount option {key} needs a value ({key}=...)"))?;
+        // One argument `--flag=value`, so a value like "-1" is not taken for a flag.
+        mount.push(format!("{flag}={value}"));
     }
     let canonical: Vec<OsString> = global
         .into_iter()

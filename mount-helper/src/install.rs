@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 const SERVICE: &str = include_str!("../systemd/modelfs.service");
 const MOUNT_UNIT: &str = include_str!("../systemd/models.mount");
 const EXAMPLE_CONFIG: &str = include_str!("../systemd/config.toml");
+const OPERATIONS: &str = include_str!("../../docs/operations.md");
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
@@ -60,7 +61,15 @@ pub fn run(args: &InstallArgs) -> Result<()> {
         write(&config, EXAMPLE_CONFIG.as_bytes(), 0o644)?;
     }
     if !args.no_systemd {
-        let unit = SERVICE.replace("/usr/local/bin/modelfs", &bin.to_string_lossy());
+        let docs = args.prefix.join("share/doc/modelfs");
+        write(
+            &under(&args.root, &docs.join("operations.md")),
+            OPERATIONS.as_bytes(),
+            0o644,
+        )?;
+        let unit = SERVICE
+            .replace("/usr/local/bin/modelfs", &bin.to_string_lossy())
+            .replace("/usr/local/share/doc/modelfs", &docs.to_string_lossy());
         write(
             &under(&args.root, Path::new("/etc/systemd/system/modelfs.service")),
             unit.as_bytes(),

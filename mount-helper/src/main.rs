@@ -392,56 +392,90 @@ fn notify_ready(log_file: Option<&Path>) {
     }
 }
 
-/// Build the mount configuration: flags, else the configuration file, else defaults.
+/// Pin budget when neither a flag nor the configuration sets one: locked
+/// pages cannot be reclaimed, so most memory stays free for loaders and the
+/// ordinary page cache.
+pub const DEFAULT_PIN_BUDGET: &str = "25%";
+
+/// Build the mount configuration: flags, else the configuration file, else
+/// defaults. Flag values go through the same validation as the file's keys.
 fn mount(
     store: PathBuf,
     args: MountArgs,
     config_path: Option<PathBuf>,
     file: &config::FileConfig,
 ) -> Result<ExitCode> {
-    let Some(mountpoint) = args.mountpoint.clone().or(file.mountpoint.clone()) else {
+    let merged = config::FileConfig {
+        store: Some(std::path::absolute(&store)?),
+        mountpoint: args
+            .mountpoint
+            .clone()
+            .or(file.mountpoint.clone())
+            .map(|m| std::path::absolute(&m))
+            .transpose()?,
+        pin_budget: args.pin_budget.clone().or(file.pin_budget.clone()),
+        passthrough: args
+            .passthrough
+            .map(|p| {
+                if p == PassthroughArg::Off {
+                    "off"
+                } else {
+                    "auto"
+                }
+                .to_string()
+            })
+            .or(file.passthrough.clone()),
+        threads: args.threads.or(file.threads),
+        read_ahead_kb: args.read_ahead_kb.or(file.read_ahead_kb),
+        allow_other: Some(args.allow_other || file.allow_other.unwrap_or(false)),
+        metrics: args.metrics.clone().or(file.metrics.clone()),
+        shutdown_grace: args.shutdown_grace.or(file.shutdown_grace),
+        log: file.log.clone(),
+    };
+    merged
+        .validate()
+        .context("invalid mount settings (flags and configuration)")?;
+    let Some(mountpoint) = merged.mountpoint.clone() else {
         bail!("no mount point: give one, or set `mountpoint` in the configuration file");
     };
-    let passthrough = match args.passthrough {
-        Some(PassthroughArg::Off) => modelfs_fs::Passthrough::Off,
-        Some(PassthroughArg::Auto) => modelfs_fs::Passthrough::Auto,
-        None if file.passthrough.as_deref() == Some("off") => modelfs_fs::Passthrough::Off,
-        None => modelfs_fs::Passthrough::Auto,
+    let passthrough = match merged.passthrough.as_deref() {
+        Some("off") => modelfs_fs::Passthrough::Off,
+        _ => modelfs_fs::Passthrough::Auto,
     };
-    let pin_budget = match args.pin_budget.as_deref().or(file.pin_budget.as_deref()) {
-        Some(b) => config::parse_size(b).with_context(|| format!("--pin-budget {b}"))?,
-        None => config::parse_size("25%")?,
-    };
-    let metrics = match args.metrics.as_deref().or(file.metrics.as_deref()) {
-        Some(m) => Some(
-            m.parse::<std::net::SocketAddr>()
-                .with_context(|| format!("--metrics {m:?}: not an address like 127.0.0.1:9477"))?,
-        ),
-        None => None,
-    };
+    let pin_budget =
+        config::parse_size(merged.pin_budget.as_deref().unwrap_or(DEFAULT_PIN_BUDGET))?;
+    let metrics = merged
+        .metrics
+        .as_deref()
+        .map(|m| m.parse::<std::net::SocketAddr>())
+        .transpose()
+        .context("metrics address")?;
     if let Some(l) = &file.log {
         service::set_log_filter(l);
     }
     let cfg = modelfs_fs::MountConfig {
         store: store.clone(),
         mountpoint: mountpoint.clone(),
-        allow_other: args.allow_other || file.allow_other.unwrap_or(false),
+        allow_other: merged.allow_other.unwrap_or(false),
         passthrough,
-        threads: args.threads.or(file.threads).unwrap_or(4),
-        read_ahead_kb: args.read_ahead_kb.or(file.read_ahead_kb).unwrap_or(1024),
+        threads: merged.threads.unwrap_or(4),
+        read_ahead_kb: merged.read_ahead_kb.unwrap_or(1024),
         poll_interval: std::time::Duration::from_millis(200),
-        shutdown_grace: std::time::Duration::from_secs_f64(
-            args.shutdown_grace
-                .or(file.shutdown_grace)
-                .unwrap_or(2.0)
-                .max(0.0),
-        ),
+        shutdown_grace: std::time::Duration::from_secs_f64(merged.shutdown_grace.unwrap_or(2.0)),
     };
     if args.daemon {
         modelfs_fs::check_mountpoint(&mountpoint)?;
         return daemonize(&mountpoint);
     }
-    let live = std::sync::Arc::new(service::Live::default());
+    let flag_budget = args
+        .pin_budget
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()?;
+    let live = std::sync::Arc::new(service::Live {
+        pin_budget_flag: flag_budget,
+        ..Default::default()
+    });
     live.pin_budget
         .store(pin_budget, std::sync::atomic::Ordering::Relaxed);
     let log_file = args.log_file.clone();
@@ -499,6 +533,11 @@ fn status(store: &Path, mountpoint: Option<&Path>, as_json: bool) -> Result<Exit
         let text = std::fs::read_to_string(m.join(".modelfs/stats.json")).ok()?;
         serde_json::from_str(&text).ok()
     });
+    // A mounted store is the one the daemon serves, whatever --store says.
+    let served = stats
+        .as_ref()
+        .and_then(|s| s.get("store")?.as_str().map(PathBuf::from));
+    let store = served.as_deref().unwrap_or(store);
     let usage = Store::open(store).ok().map(|s| s.usage()).transpose()?;
     let v = serde_json::json!({
         "mounted": stats.is_some(),

@@ -61,6 +61,8 @@ pub fn set_log_filter(spec: &str) {
 pub struct Live {
     pub pin_budget: AtomicU64,
     pub reloads: AtomicU64,
+    /// A pin budget given as a flag wins over the file, also on reload.
+    pub pin_budget_flag: Option<u64>,
 }
 
 /// The service layer's hooks into the mount.
@@ -98,9 +100,10 @@ impl Hooks for Service {
         }
         let tree = vfs.tree();
         let status = format!(
-            "serving {} files in {} directories",
-            tree.files.len(),
-            tree.dirs.len()
+            "serving {} models, {} logical ({} files)",
+            tree.models,
+            indicatif::HumanBytes(tree.logical_bytes),
+            tree.files.len()
         );
         notify(&[
             sd_notify::NotifyState::Ready,
@@ -119,12 +122,16 @@ impl Hooks for Service {
         notify(&[sd_notify::NotifyState::Reloading]);
         match FileConfig::load(path) {
             Ok(cfg) => {
-                if let Some(b) = cfg.pin_budget.as_deref().and_then(|b| parse_size(b).ok()) {
+                // Precedence as at start: flag, else file, else default.
+                let budget = self
+                    .live
+                    .pin_budget_flag
+                    .or_else(|| cfg.pin_budget.as_deref().and_then(|b| parse_size(b).ok()))
+                    .or_else(|| parse_size(crate::DEFAULT_PIN_BUDGET).ok());
+                if let Some(b) = budget {
                     self.live.pin_budget.store(b, Ordering::Relaxed);
                 }
-                if let Some(l) = &cfg.log {
-                    set_log_filter(l);
-                }
+                set_log_filter(cfg.log.as_deref().unwrap_or("info"));
                 self.live.reloads.fetch_add(1, Ordering::Relaxed);
                 info!(config = %path.display(), "configuration reloaded (pin_budget, log); other keys take effect at the next mount");
             }

@@ -292,7 +292,9 @@ fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
 /// A batch of consecutive chunks of one file, read into one buffer.
 struct Batch {
     file_offset: u64,
+    /// A reusable buffer of BATCH_BYTES; `data[..used]` holds this batch.
     data: Vec<u8>,
+    used: usize,
     /// (offset in `data`, length) of each chunk, in file order.
     chunks: Vec<(usize, usize)>,
 }
@@ -307,11 +309,14 @@ fn produce(
     let fresh = |file_offset: u64| {
         let mut b = recycled.try_recv().unwrap_or_else(|_| Batch {
             file_offset: 0,
-            data: Vec::with_capacity(BATCH_BYTES),
+            // Allocated (and zeroed) once, then reused: zero-filling every
+            // batch again would cost a pass over all the bytes.
+            data: vec![0; BATCH_BYTES],
+            used: 0,
             chunks: Vec::new(),
         });
         b.file_offset = file_offset;
-        b.data.clear();
+        b.used = 0;
         b.chunks.clear();
         b
     };
@@ -326,17 +331,16 @@ fn produce(
                 let end = offset + len;
                 let mut pos = offset;
                 while pos < end {
-                    if BATCH_BYTES - batch.data.len() < TENSOR_PIECE as usize
-                        && !batch.chunks.is_empty()
+                    if BATCH_BYTES - batch.used < TENSOR_PIECE as usize && !batch.chunks.is_empty()
                     {
                         let next = fresh(pos);
                         send(std::mem::replace(&mut batch, next))?;
                     }
-                    let room = (BATCH_BYTES - batch.data.len()) as u64;
+                    let room = (BATCH_BYTES - batch.used) as u64;
                     let n = (end - pos).min((room / TENSOR_PIECE).max(1) * TENSOR_PIECE);
-                    let start = batch.data.len();
-                    batch.data.resize(start + n as usize, 0);
-                    file.read_exact_at(&mut batch.data[start..], pos)?;
+                    let start = batch.used;
+                    batch.used += n as usize;
+                    file.read_exact_at(&mut batch.data[start..batch.used], pos)?;
                     let mut piece = 0;
                     while piece < n {
                         let l = TENSOR_PIECE.min(n - piece);
@@ -357,12 +361,13 @@ fn produce(
                         fastcdc::v2020::Error::IoError(e) => e,
                         other => io::Error::other(other.to_string()),
                     })?;
-                    if batch.data.len() + chunk.length > BATCH_BYTES && !batch.chunks.is_empty() {
+                    if batch.used + chunk.length > BATCH_BYTES && !batch.chunks.is_empty() {
                         let next = fresh(offset + chunk.offset);
                         send(std::mem::replace(&mut batch, next))?;
                     }
-                    batch.chunks.push((batch.data.len(), chunk.length));
-                    batch.data.extend_from_slice(&chunk.data);
+                    batch.chunks.push((batch.used, chunk.length));
+                    batch.data[batch.used..batch.used + chunk.length].copy_from_slice(&chunk.data);
+                    batch.used += chunk.length;
                 }
             }
         }
@@ -473,6 +478,8 @@ struct Ingest<'s> {
     created: Vec<PathBuf>,
     object_dirs: BTreeSet<PathBuf>,
     summary: ImportSummary,
+    /// Read buffers kept from file to file.
+    batch_pool: Vec<Batch>,
 }
 
 impl Ingest<'_> {
@@ -550,7 +557,12 @@ impl Ingest<'_> {
 
         let (tx, rx) = mpsc::sync_channel::<io::Result<Batch>>(1);
         let (recycle_tx, recycle_rx) = mpsc::channel::<Batch>();
+        // Buffers of earlier files are reused: their pages are already faulted in.
+        for b in self.batch_pool.drain(..) {
+            let _ = recycle_tx.send(b);
+        }
         let (job_tx, job_rx) = mpsc::sync_channel::<WriteJob>(1);
+        let mut pool = Vec::new();
         let result: Result<u64> = std::thread::scope(|scope| {
             let file = &file;
             let regions = &regions;
@@ -559,6 +571,7 @@ impl Ingest<'_> {
                     let _ = tx.send(Err(e));
                 }
                 drop(tx);
+                recycle_rx
             });
             let writer = scope.spawn(move || write_runs(job_rx, recycle_tx));
             let outcome = (|| -> Result<()> {
@@ -573,7 +586,7 @@ impl Ingest<'_> {
                                 .collect::<Vec<_>>()
                         },
                         || {
-                            whole.update_rayon(&batch.data);
+                            whole.update_rayon(&batch.data[..batch.used]);
                         },
                     );
                     // Consecutive new chunks form one run, written with one call.
@@ -607,8 +620,8 @@ impl Ingest<'_> {
                             _ => runs.push((off, off + len, obj_off)),
                         }
                     }
-                    consumed += batch.data.len() as u64;
-                    progress.advance(batch.data.len() as u64);
+                    consumed += batch.used as u64;
+                    progress.advance(batch.used as u64);
                     let target = object
                         .as_ref()
                         .map(|w| (Arc::clone(&w.file), w.path.clone()));
@@ -627,10 +640,12 @@ impl Ingest<'_> {
             })();
             drop(rx);
             drop(job_tx);
-            producer.join().expect("reader thread panicked");
+            let recycled = producer.join().expect("reader thread panicked");
             let written = writer.join().expect("writer thread panicked");
+            pool.extend(recycled.try_iter());
             outcome.and(written)
         });
+        self.batch_pool = pool;
         let written = result?;
         if consumed != size {
             return Err(Error::InvalidInput {
@@ -729,6 +744,7 @@ impl Store {
             new_contents: Vec::new(),
             created: Vec::new(),
             object_dirs: BTreeSet::new(),
+            batch_pool: Vec::new(),
             summary: ImportSummary {
                 name: opts.name.clone(),
                 files: tree.files.len() as u64,
