@@ -14,6 +14,7 @@
 
 pub mod fuse;
 pub mod mount;
+pub mod pin;
 pub mod tree;
 pub mod vfs;
 

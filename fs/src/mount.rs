@@ -37,6 +37,8 @@ pub struct MountConfig {
     /// After SIGTERM/SIGINT, how long files still open may keep reading
     /// before the connection is aborted.
     pub shutdown_grace: Duration,
+    /// Bytes of shared chunks to keep locked in memory (0: no pinning).
+    pub pin_budget: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +167,12 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
     check_mountpoint(&cfg.mountpoint)?;
     let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
         .map_err(|e| MountError::MountPoint(cfg.mountpoint.clone(), e.to_string()))?;
-    let vfs = Arc::new(Vfs::new(&cfg.store, cfg.passthrough == Passthrough::Auto)?);
+    let vfs = Arc::new(Vfs::new(
+        &cfg.store,
+        cfg.passthrough == Passthrough::Auto,
+        cfg.pin_budget,
+    )?);
+    vfs.start_pin_worker();
     // Signals are taken by a dedicated thread; block them before any thread starts.
     let sigset = block_signals();
 

@@ -47,6 +47,8 @@ pub struct Tree {
     /// Number of models and the sum of their file sizes (for status lines).
     pub models: usize,
     pub logical_bytes: u64,
+    /// For each chunk location (object, offset): how many models reference it.
+    pub chunk_refs: HashMap<(u64, u64), u32>,
 }
 
 pub fn file_ino(content_id: i64) -> u64 {
@@ -101,6 +103,23 @@ impl Tree {
         // Directories first, so files find their parents.
         let mut entries: Vec<_> = snap.entries.iter().collect();
         entries.sort_by_key(|(_, e)| !e.is_dir);
+        // Distinct models per chunk: walk files model by model and count a
+        // chunk once per model.
+        let mut last_model: HashMap<(u64, u64), i64> = HashMap::new();
+        let mut by_model: Vec<&(i64, modelfs_store::EntryInfo)> =
+            snap.entries.iter().filter(|(_, e)| !e.is_dir).collect();
+        by_model.sort_by_key(|(m, _)| *m);
+        for (model, e) in by_model {
+            let Some(c) = e.content.and_then(|c| snap.contents.get(&c)) else {
+                continue;
+            };
+            for s in &c.segments {
+                let key = (s.object, s.object_offset);
+                if last_model.insert(key, *model) != Some(*model) {
+                    *t.chunk_refs.entry(key).or_default() += 1;
+                }
+            }
+        }
         for (model, e) in entries {
             let Some(&(name, mtime)) = model_names.get(model) else {
                 continue;

@@ -78,6 +78,44 @@ pub struct MappedObject {
     path: PathBuf,
 }
 
+impl MappedObject {
+    /// Whole pages inside `[offset, offset+len)` of the mapping: pages at a
+    /// block's edges are shared with its neighbours and are left alone, so
+    /// unlocking one block never unlocks part of another.
+    fn inner_pages(&self, offset: u64, len: u64) -> Option<(*const libc::c_void, usize)> {
+        const PAGE: usize = 4096;
+        let base = self.map.as_ptr() as usize;
+        let end = (offset + len).min(self.map.len() as u64) as usize;
+        let start = (base + offset as usize).div_ceil(PAGE) * PAGE;
+        let stop = (base + end) / PAGE * PAGE;
+        if stop > start {
+            Some((start as *const libc::c_void, stop - start))
+        } else {
+            None
+        }
+    }
+
+    /// mlock a range (faulting it in). False if the kernel refused.
+    pub fn lock_range(&self, offset: u64, len: u64) -> bool {
+        let Some((ptr, n)) = self.inner_pages(offset, len) else {
+            return true;
+        };
+        // SAFETY: the range lies inside our live mapping.
+        if unsafe { libc::mlock(ptr, n) } == 0 {
+            return true;
+        }
+        crate::pin::warn_lock_failure(std::io::Error::last_os_error());
+        false
+    }
+
+    pub fn unlock_range(&self, offset: u64, len: u64) {
+        if let Some((ptr, n)) = self.inner_pages(offset, len) {
+            // SAFETY: as in lock_range.
+            unsafe { libc::munlock(ptr, n) };
+        }
+    }
+}
+
 /// Which chunks of a content have been checked since the mount started.
 struct Verified(Vec<AtomicBool>);
 
@@ -89,6 +127,8 @@ pub struct OpenContent {
     starts: Vec<u64>,
     objects: HashMap<ObjectId, Arc<MappedObject>>,
     verified: Arc<Verified>,
+    /// Number of models referencing each segment's chunk (for pinning).
+    refs: Vec<u32>,
 }
 
 /// How an open file is served.
@@ -131,11 +171,18 @@ pub struct Vfs {
     whole_checked: Mutex<HashMap<i64, bool>>,
     passthrough: AtomicBool,
     pub stats: Stats,
+    pub pinner: crate::pin::Pinner,
+    /// Passthrough opens whose chunks the pin worker should consider.
+    pin_queue: Mutex<Option<std::sync::mpsc::Sender<Arc<ContentInfo>>>>,
     store_root: PathBuf,
 }
 
 impl Vfs {
-    pub fn new(store_root: &Path, passthrough: bool) -> modelfs_store::Result<Vfs> {
+    pub fn new(
+        store_root: &Path,
+        passthrough: bool,
+        pin_budget: u64,
+    ) -> modelfs_store::Result<Vfs> {
         // Registering passthrough backing files needs CAP_SYS_ADMIN.
         // SAFETY: geteuid has no preconditions.
         let passthrough = passthrough && unsafe { libc::geteuid() } == 0;
@@ -155,6 +202,8 @@ impl Vfs {
             whole_checked: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(passthrough),
             stats: Stats::default(),
+            pinner: crate::pin::Pinner::new(pin_budget),
+            pin_queue: Mutex::new(None),
         })
     }
 
@@ -189,6 +238,8 @@ impl Vfs {
         let old = std::mem::replace(&mut *self.tree.write().expect("tree lock"), new.clone());
         *known = version;
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        self.pinner
+            .release_unless(|b| new.chunk_refs.contains_key(&(b.object, b.offset)));
         Ok(Some(Changes {
             entries: new.changed_entries(&old),
             dirs: new.changed_dirs(&old),
@@ -266,6 +317,7 @@ impl Vfs {
         if let Some(obj) = f.content.whole_object {
             if self.passthrough_enabled() && self.whole_object_intact(&f.content, &f.label) {
                 let path = self.store.lock().expect("store lock").object_path(obj);
+                self.queue_for_pinning(&f.content);
                 return Ok(OpenPlan::Passthrough {
                     content_id: f.content.id,
                     object: path,
@@ -376,12 +428,24 @@ impl Vfs {
             starts.push(pos);
             pos += u64::from(s.len);
         }
+        let tree = self.tree();
+        let refs = content
+            .segments
+            .iter()
+            .map(|s| {
+                tree.chunk_refs
+                    .get(&(s.object, s.object_offset))
+                    .copied()
+                    .unwrap_or(1)
+            })
+            .collect();
         Ok(Arc::new(OpenContent {
             label: label.to_string(),
             content,
             starts,
             objects,
             verified,
+            refs,
         }))
     }
 
@@ -414,6 +478,9 @@ impl Vfs {
                 }
                 open.verified.0[i].store(true, Ordering::Release);
             }
+            let refs = open.refs.get(i).copied().unwrap_or(1);
+            self.pinner
+                .access(obj, s.object, s.object_offset, u64::from(s.len), refs);
             let from = offset.max(open.starts[i]) - open.starts[i];
             let to = end.min(open.starts[i] + u64::from(s.len)) - open.starts[i];
             let (a, b) = (seg_start + from as usize, seg_start + to as usize);
@@ -474,6 +541,10 @@ impl Vfs {
             "passthrough_opened_bytes": s.passthrough_opened_bytes.load(Ordering::Relaxed),
             "copy_opens": s.copy_opens.load(Ordering::Relaxed),
             "refreshes": s.refreshes.load(Ordering::Relaxed),
+            "pin_budget": self.pinner.budget(),
+            "pinned_bytes": self.pinner.stats.pinned_bytes.load(Ordering::Relaxed),
+            "cache_hits": self.pinner.stats.hits.load(Ordering::Relaxed),
+            "cache_misses": self.pinner.stats.misses.load(Ordering::Relaxed),
         });
         let mut text = serde_json::to_string_pretty(&v).expect("json");
         text.push('\n');
@@ -482,6 +553,42 @@ impl Vfs {
 }
 
 impl Vfs {
+    /// Start the worker that pins the chunks of files opened by passthrough
+    /// (the daemon never sees their reads, so it considers them at open, in
+    /// file order, off the request path: locking faults pages in from disk).
+    pub fn start_pin_worker(self: &Arc<Self>) {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<ContentInfo>>();
+        *self.pin_queue.lock().expect("pin queue") = Some(tx);
+        let vfs = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("pin-worker".into())
+            .spawn(move || {
+                for content in rx {
+                    let Some(vfs) = vfs.upgrade() else { break };
+                    let tree = vfs.tree();
+                    for s in &content.segments {
+                        let Ok(obj) = vfs.map_object(s.object) else {
+                            break;
+                        };
+                        let refs = tree
+                            .chunk_refs
+                            .get(&(s.object, s.object_offset))
+                            .copied()
+                            .unwrap_or(1);
+                        vfs.pinner
+                            .access(&obj, s.object, s.object_offset, u64::from(s.len), refs);
+                    }
+                }
+            })
+            .expect("spawn pin worker");
+    }
+
+    fn queue_for_pinning(&self, content: &Arc<ContentInfo>) {
+        if let Some(tx) = self.pin_queue.lock().expect("pin queue").as_ref() {
+            let _ = tx.send(content.clone());
+        }
+    }
+
     /// Log the serving mode once, at mount time.
     pub fn log_mode(&self) {
         if self.passthrough_enabled() {

@@ -133,6 +133,20 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
         #[arg(long)]
         json: bool,
     },
+    /// Pull a model's files into memory by reading them through the mount, so the
+    /// mount's pinning policy can keep their shared chunks (within its budget)
+    Warm {
+        /// Model name
+        name: String,
+        /// Only these files of the model
+        paths: Vec<String>,
+        /// Mount point [default: `mountpoint` from the configuration]
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file; names the bad key and exits 1 if it is invalid
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -258,6 +272,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Install(args) => install::run(&args)?,
+        Command::Warm {
+            name,
+            paths,
+            mountpoint,
+            json,
+        } => warm(
+            &dir,
+            &name,
+            &paths,
+            mountpoint.or(file_cfg.mountpoint.clone()),
+            json,
+        )?,
         Command::Status { mountpoint, json } => {
             let mnt = mountpoint.or(file_cfg.mountpoint.clone());
             return status(&dir, mnt.as_deref(), json);
@@ -462,6 +488,7 @@ fn mount(
         read_ahead_kb: merged.read_ahead_kb.unwrap_or(1024),
         poll_interval: std::time::Duration::from_millis(200),
         shutdown_grace: std::time::Duration::from_secs_f64(merged.shutdown_grace.unwrap_or(2.0)),
+        pin_budget,
     };
     if args.daemon {
         modelfs_fs::check_mountpoint(&mountpoint)?;
@@ -485,6 +512,7 @@ fn mount(
         metrics,
         live,
         on_ready: std::sync::Mutex::new(Some(Box::new(move || notify_ready(log_file.as_deref())))),
+        vfs: std::sync::OnceLock::new(),
     };
     modelfs_fs::mount(&cfg, std::sync::Arc::new(svc))?;
     Ok(ExitCode::SUCCESS)
@@ -523,6 +551,77 @@ fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
     bail!("the mount daemon exited before the mount was ready ({status})");
 }
 
+/// `modelfs warm`: read a model's files through the mount (the daemon pins
+/// what its policy admits), or, with no mount, straight from the store objects
+/// (page cache only: nothing to pin them).
+fn warm(
+    store: &Path,
+    name: &str,
+    only: &[String],
+    mountpoint: Option<PathBuf>,
+    as_json: bool,
+) -> Result<()> {
+    use std::io::Read;
+    let store = Store::open(store)?;
+    let files = store.files(name)?;
+    let wanted: Vec<_> = files
+        .iter()
+        .filter(|f| only.is_empty() || only.iter().any(|p| p == &f.path))
+        .collect();
+    for p in only {
+        if !files.iter().any(|f| &f.path == p) {
+            bail!("model {name:?} has no file {p:?}");
+        }
+    }
+    let mounted =
+        mountpoint.filter(|m| modelfs_fs::mount_entry(m).is_some_and(|(_, t)| t == "fuse.modelfs"));
+    let started = std::time::Instant::now();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in &wanted {
+        match &mounted {
+            Some(m) => {
+                let path = m.join(name).join(&f.path);
+                let mut file =
+                    std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                loop {
+                    let n = file
+                        .read(&mut buf)
+                        .with_context(|| format!("{}", path.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    bytes += n as u64;
+                }
+            }
+            None => {
+                let reader = store.open_file(f.content_id)?;
+                bytes += reader
+                    .copy_to(&mut io::sink())
+                    .with_context(|| format!("{name}/{}", f.path))?;
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let via = match &mounted {
+        Some(m) => format!("through the mount at {}", m.display()),
+        None => "from the store (no mount: page cache only, nothing pinned)".into(),
+    };
+    if as_json {
+        output::json(&serde_json::json!({
+            "model": name, "files": wanted.len(), "bytes": bytes, "seconds": seconds,
+            "through_mount": mounted.is_some(),
+        }))?;
+    } else {
+        println!(
+            "warmed {name}: {} files, {} in {seconds:.2} s {via}",
+            wanted.len(),
+            HumanBytes(bytes)
+        );
+    }
+    Ok(())
+}
+
 /// `modelfs status`: the mount's own statistics plus the store's usage.
 fn status(store: &Path, mountpoint: Option<&Path>, as_json: bool) -> Result<ExitCode> {
     let mounted = mountpoint.and_then(|m| {
@@ -548,7 +647,7 @@ fn status(store: &Path, mountpoint: Option<&Path>, as_json: bool) -> Result<Exit
         "models": usage.as_ref().map(|u| u.models.len()),
         "logical_bytes": usage.as_ref().map(|u| u.logical_bytes),
         "stored_bytes": usage.as_ref().map(|u| u.stored_bytes),
-        "pinned_bytes": 0,
+        "pinned_bytes": stats.as_ref().and_then(|s| s.get("pinned_bytes").cloned()),
         "stats": stats,
     });
     if as_json {
@@ -569,11 +668,17 @@ fn status(store: &Path, mountpoint: Option<&Path>, as_json: bool) -> Result<Exit
         }
         match &usage {
             Some(u) => println!(
-                "store {}: {} models, {} logical, {} stored; pinned 0 B",
+                "store {}: {} models, {} logical, {} stored; pinned {}",
                 store.display(),
                 u.models.len(),
                 HumanBytes(u.logical_bytes),
-                HumanBytes(u.stored_bytes)
+                HumanBytes(u.stored_bytes),
+                HumanBytes(
+                    stats
+                        .as_ref()
+                        .and_then(|s| s["pinned_bytes"].as_u64())
+                        .unwrap_or(0)
+                )
             ),
             None => println!("store {}: not a store", store.display()),
         }

@@ -73,6 +73,8 @@ pub struct Service {
     pub live: Arc<Live>,
     /// Called once ready (the `--daemon` handshake).
     pub on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The running filesystem, once ready (SIGHUP changes its pin budget).
+    pub vfs: OnceLock<Arc<Vfs>>,
 }
 
 fn notify(state: &[sd_notify::NotifyState]) {
@@ -85,6 +87,7 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 impl Hooks for Service {
     fn ready(&self, vfs: &Arc<Vfs>) {
+        let _ = self.vfs.set(vfs.clone());
         if let Some(addr) = self.metrics {
             match tiny_http::Server::http(addr) {
                 Ok(server) => {
@@ -130,6 +133,11 @@ impl Hooks for Service {
                     .or_else(|| parse_size(crate::DEFAULT_PIN_BUDGET).ok());
                 if let Some(b) = budget {
                     self.live.pin_budget.store(b, Ordering::Relaxed);
+                    if let Some(vfs) = self.vfs.get() {
+                        if vfs.pinner.budget() != b {
+                            vfs.pinner.set_budget(b);
+                        }
+                    }
                 }
                 set_log_filter(cfg.log.as_deref().unwrap_or("info"));
                 self.live.reloads.fetch_add(1, Ordering::Relaxed);
@@ -268,8 +276,20 @@ pub fn render_metrics(vfs: &Vfs, usage: Option<&Usage>, live: &Live) -> String {
     metric(
         "modelfs_pinned_bytes",
         "gauge",
-        "Bytes currently pinned in memory.",
-        &one(0),
+        "Bytes of shared chunks currently locked in memory.",
+        &one(g(&vfs.pinner.stats.pinned_bytes)),
+    );
+    metric(
+        "modelfs_cache_hits_total",
+        "counter",
+        "Chunk reads the pinning policy found pinned.",
+        &one(g(&vfs.pinner.stats.hits)),
+    );
+    metric(
+        "modelfs_cache_misses_total",
+        "counter",
+        "Chunk reads the pinning policy did not find pinned.",
+        &one(g(&vfs.pinner.stats.misses)),
     );
     metric(
         "modelfs_config_reloads_total",

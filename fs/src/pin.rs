@@ -1,0 +1,153 @@
+//! Pinning: keep the chunks that many models share resident, within a
+//! memory budget, by `mlock`ing their ranges of the store objects.
+//!
+//! Why mlock: this VM (like many) reclaims idle page cache within minutes,
+//! so "recently used" bytes do not stay warm on their own; locked pages are
+//! never reclaimed. Because passthrough reads use the store object's own
+//! page-cache pages, pinning an object range helps passthrough readers and
+//! copy-mode reads alike. Which ranges to keep is decided by the
+//! `modelfs-cache` policy (shared-aware: value grows with the number of
+//! models referencing a chunk and with recent use, falls with size).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use modelfs_cache::{Access, BlockId, Policy, Resident, SharedAwarePolicy};
+use tracing::warn;
+
+use crate::vfs::MappedObject;
+
+/// Counters for stats.json and metrics.
+#[derive(Debug, Default)]
+pub struct PinStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub pinned_bytes: AtomicU64,
+    pub lock_failures: AtomicU64,
+}
+
+struct Locked {
+    object: Arc<MappedObject>,
+    len: u64,
+}
+
+pub struct Pinner {
+    inner: Mutex<Inner>,
+    pub stats: PinStats,
+    budget: AtomicU64,
+}
+
+struct Inner {
+    policy: Box<dyn Policy + Send>,
+    locked: HashMap<BlockId, Locked>,
+    evicted: Vec<Resident>,
+}
+
+impl Pinner {
+    /// `budget` 0 disables pinning.
+    pub fn new(budget: u64) -> Pinner {
+        Pinner {
+            inner: Mutex::new(Inner {
+                policy: Box::new(SharedAwarePolicy::new(budget)),
+                locked: HashMap::new(),
+                evicted: Vec::new(),
+            }),
+            stats: PinStats::default(),
+            budget: AtomicU64::new(budget),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Change the budget (SIGHUP): everything pinned is released and the
+    /// policy starts afresh under the new budget.
+    pub fn set_budget(&self, budget: u64) {
+        let mut inner = self.inner.lock().expect("pin lock");
+        for (b, l) in inner.locked.drain() {
+            l.object.unlock_range(b.offset, l.len);
+            self.stats.pinned_bytes.fetch_sub(l.len, Ordering::Relaxed);
+        }
+        inner.policy = Box::new(SharedAwarePolicy::new(budget));
+        self.budget.store(budget, Ordering::Relaxed);
+    }
+
+    /// A chunk at `object`+`offset` (`len` bytes, referenced by `refs`
+    /// models) is being read: tell the policy, lock what it admits, unlock
+    /// what it evicts.
+    pub fn access(
+        &self,
+        object: &Arc<MappedObject>,
+        object_id: u64,
+        offset: u64,
+        len: u64,
+        refs: u32,
+    ) {
+        if self.budget() == 0 {
+            return;
+        }
+        let block = BlockId::new(object_id, offset);
+        let mut inner = self.inner.lock().expect("pin lock");
+        let Inner {
+            policy,
+            locked,
+            evicted,
+        } = &mut *inner;
+        evicted.clear();
+        match policy.access(block, len, refs.max(1), evicted) {
+            Access::Hit => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            Access::Miss { admitted } => {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                if admitted {
+                    if object.lock_range(offset, len) {
+                        locked.insert(
+                            block,
+                            Locked {
+                                object: object.clone(),
+                                len,
+                            },
+                        );
+                        self.stats.pinned_bytes.fetch_add(len, Ordering::Relaxed);
+                    } else {
+                        // Over RLIMIT_MEMLOCK: give the slot back.
+                        self.stats.lock_failures.fetch_add(1, Ordering::Relaxed);
+                        policy.remove(block);
+                    }
+                }
+            }
+        }
+        for r in evicted.drain(..) {
+            if let Some(l) = locked.remove(&r.block) {
+                l.object.unlock_range(r.block.offset, l.len);
+                self.stats.pinned_bytes.fetch_sub(l.len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Release every pinned block for which `keep` says no (its models
+    /// were removed).
+    pub fn release_unless(&self, keep: impl Fn(BlockId) -> bool) {
+        let mut inner = self.inner.lock().expect("pin lock");
+        let Inner { policy, locked, .. } = &mut *inner;
+        let gone: Vec<BlockId> = locked.keys().copied().filter(|b| !keep(*b)).collect();
+        for b in gone {
+            policy.remove(b);
+            if let Some(l) = locked.remove(&b) {
+                l.object.unlock_range(b.offset, l.len);
+                self.stats.pinned_bytes.fetch_sub(l.len, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Warn once if locking fails for lack of RLIMIT_MEMLOCK.
+pub(crate) fn warn_lock_failure(err: std::io::Error) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        warn!("cannot lock pinned chunks in memory ({err}); raise RLIMIT_MEMLOCK (LimitMEMLOCK= under systemd) or lower --pin-budget");
+    });
+}
