@@ -227,6 +227,9 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
                                 "catalog changed; tree rebuilt"
                             );
                             for (parent, name) in changes.entries {
+                                if stop.load(Ordering::Relaxed) {
+                                    break;
+                                }
                                 let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
                             }
                             for dir in changes.dirs {
@@ -280,7 +283,9 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
     hooks.ready(&vfs);
     let result = session.run();
     stop.store(true, Ordering::Relaxed);
-    let _ = watcher.join();
+    // Not joined: the watcher may be inside a kernel invalidation that can
+    // only finish once the connection is gone; the process exits anyway.
+    drop(watcher);
     info!("session ended");
     result.map_err(|e| MountError::Mount(mountpoint, e))
 }
