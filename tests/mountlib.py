@@ -427,10 +427,18 @@ def random_reads(pairs, seed: int, n: int, use_mmap: bool = False, stop=None, pr
 
 def _reader_main(argv):
     """python -m mountlib-style entry for reader subprocesses:
-    argv = [json: {"pairs": [[mnt, orig], ...], "seed": s, "n": n, "mmap": bool}]"""
+    argv = [json: {"pairs": [[mnt, orig], ...], "seed": s, "n": n, "mmap": bool}]
+    (optional "seconds": t reads until t seconds have passed, ignoring n)"""
     spec = json.loads(argv[0])
+    stop = None
+    if spec.get("seconds"):  # optional: read for this long instead of `n` reads
+        import threading
+
+        stop = threading.Event()
+        threading.Timer(float(spec["seconds"]), stop.set).start()
     try:
-        n = random_reads([tuple(p) for p in spec["pairs"]], spec["seed"], spec["n"], spec["mmap"])
+        n = random_reads([tuple(p) for p in spec["pairs"]], spec["seed"], spec["n"], spec["mmap"],
+                         stop=stop)
     except Mismatch as e:
         print(f"MISMATCH {e}", flush=True)
         return 1

@@ -186,6 +186,15 @@ impl Filesystem for FuseFs {
                         // object's, shared anyway.
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b.id);
                     }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // Removed and collected since the tree was built, or
+                        // (content still listed) a lost object.
+                        if self.vfs.content_live(content_id) {
+                            reply.error(Errno::EIO);
+                        } else {
+                            reply.error(Errno::ENOENT);
+                        }
+                    }
                     Err(e) => {
                         // Without CAP_SYS_ADMIN the kernel refuses backing
                         // files: serve this and every later open in copy mode.

@@ -49,6 +49,8 @@ pub enum MountError {
     Store(#[from] modelfs_store::Error),
     #[error("mounting {0}: {1}")]
     Mount(PathBuf, std::io::Error),
+    #[error("refusing to serve the store: {0}")]
+    Unsafe(String),
 }
 
 /// Refuse a missing, non-directory or non-empty mount point.
@@ -64,6 +66,29 @@ pub fn check_mountpoint(p: &Path) -> Result<(), MountError> {
     let mut entries = std::fs::read_dir(p).map_err(|e| err(&format!("{e}")))?;
     if entries.next().is_some() {
         return Err(err("directory is not empty"));
+    }
+    Ok(())
+}
+
+/// Refuse to serve a store others could write to: whoever can write it can
+/// change what every loader on the machine reads.
+pub fn check_store_permissions(store: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::MetadataExt;
+    for p in [
+        store.to_path_buf(),
+        store.join("objects"),
+        store.join("catalog.db"),
+    ] {
+        if let Ok(meta) = std::fs::metadata(&p) {
+            if meta.mode() & 0o002 != 0 {
+                return Err(MountError::Unsafe(format!(
+                    "{} is writable by every user (mode {:o}); fix with `chmod o-w {}`",
+                    p.display(),
+                    meta.mode() & 0o7777,
+                    p.display()
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -165,6 +190,7 @@ impl Hooks for NoHooks {}
 /// Mount and serve until unmounted or SIGTERM/SIGINT.
 pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError> {
     check_mountpoint(&cfg.mountpoint)?;
+    check_store_permissions(&cfg.store)?;
     let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
         .map_err(|e| MountError::MountPoint(cfg.mountpoint.clone(), e.to_string()))?;
     let vfs = Arc::new(Vfs::new(

@@ -341,31 +341,24 @@ impl Vfs {
             Some(obj) => self.store.lock().expect("store lock").object_path(obj),
             None => return false,
         };
-        let ok = match File::open(&path) {
-            Ok(file) => {
-                let mut hasher = blake3::Hasher::new();
-                // SAFETY: store objects are never modified in place while
-                // referenced (gc only punches ranges no content uses).
-                match unsafe { Mmap::map(&file) } {
-                    Ok(map) if map.len() as u64 == content.size => {
-                        hasher.update_rayon(&map);
-                        hasher.finalize().as_bytes() == &content.hash.0
-                    }
-                    Ok(_) if content.size == 0 => true,
-                    Ok(map) => {
-                        error!(object = %path.display(), file = label, size = map.len(), "whole-file object has the wrong size");
-                        false
-                    }
-                    Err(e) => {
-                        error!(object = %path.display(), file = label, "cannot map object: {e}");
-                        false
-                    }
-                }
+        // Map it through the object cache, which holds the shared lock, so gc
+        // cannot punch holes between this check and the reader's use.
+        let ok = match content.whole_object.map(|o| self.map_object(o)) {
+            Some(Ok(obj)) if !self.content_live(content.id) => {
+                drop(obj);
+                return false;
             }
-            Err(e) => {
-                error!(object = %path.display(), file = label, "cannot open object: {e}");
+            Some(Ok(obj)) if obj.map.len() as u64 == content.size => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_rayon(&obj.map);
+                hasher.finalize().as_bytes() == &content.hash.0
+            }
+            Some(Ok(obj)) => {
+                error!(object = %path.display(), file = label, size = obj.map.len(), "whole-file object has the wrong size");
                 false
             }
+            Some(Err(libc::ENOENT)) | None => return false,
+            Some(Err(_)) => false,
         };
         if !ok {
             warn!(object = %path.display(), file = label, "whole-file object failed its check; serving it in copy mode, damaged ranges will return EIO");
@@ -377,6 +370,11 @@ impl Vfs {
         ok
     }
 
+    pub fn content_live(&self, id: i64) -> bool {
+        let store = self.store.lock().expect("store lock");
+        store.catalog().content_exists(id).unwrap_or(false)
+    }
+
     fn map_object(&self, id: ObjectId) -> Result<Arc<MappedObject>, i32> {
         let mut objects = self.objects.lock().expect("objects lock");
         if let Some(o) = objects.get(&id).and_then(Weak::upgrade) {
@@ -384,6 +382,10 @@ impl Vfs {
         }
         let path = self.store.lock().expect("store lock").object_path(id);
         let file = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // Collected by gc after its model was removed: the file is gone.
+                return libc::ENOENT;
+            }
             error!(object = %path.display(), "cannot open object: {e}");
             libc::EIO
         })?;
@@ -406,8 +408,29 @@ impl Vfs {
         let mut objects = HashMap::new();
         for s in &content.segments {
             if let std::collections::hash_map::Entry::Vacant(slot) = objects.entry(s.object) {
-                slot.insert(self.map_object(s.object)?);
+                match self.map_object(s.object) {
+                    Ok(o) => {
+                        slot.insert(o);
+                    }
+                    // Missing while the catalog still lists the content: damage.
+                    Err(libc::ENOENT) if self.content_live(content.id) => {
+                        error!(
+                            file = label,
+                            object = s.object,
+                            "object file is missing; returning EIO"
+                        );
+                        self.stats.eio.fetch_add(1, Ordering::Relaxed);
+                        return Err(libc::EIO);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+        }
+        // Holding the shared locks, make sure gc has not removed the content
+        // meanwhile (it deletes catalog rows before it punches holes, and it
+        // cannot punch while we hold the locks): otherwise the file is gone.
+        if !self.content_live(content.id) {
+            return Err(libc::ENOENT);
         }
         let verified = self
             .verified

@@ -24,12 +24,12 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS objects (
-    id    INTEGER PRIMARY KEY,
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
     size  INTEGER NOT NULL,
     whole INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS contents (
-    id           INTEGER PRIMARY KEY,
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
     hash         BLOB NOT NULL UNIQUE,
     size         INTEGER NOT NULL,
     whole_object INTEGER REFERENCES objects(id),
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     length INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS models (
-    id            INTEGER PRIMARY KEY,
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
     name          TEXT NOT NULL UNIQUE,
     imported_at   INTEGER NOT NULL,
     source        TEXT NOT NULL,
@@ -288,6 +288,30 @@ impl Catalog {
             format,
             segments,
         })
+    }
+
+    /// Whether a content row still exists (gc deletes rows before it frees bytes).
+    pub fn content_exists(&self, id: i64) -> Result<bool> {
+        self.sql(|c| {
+            c.prepare_cached("SELECT 1 FROM contents WHERE id = ?1")?
+                .query_row([id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// The next object id: never one used before, even if gc deleted it,
+    /// because a running mount may still map the old object under that id.
+    pub fn next_object_id(&self) -> Result<u64> {
+        self.sql(|c| {
+            c.query_row(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'objects'), 0),
+                            COALESCE((SELECT MAX(id) FROM objects), 0)) + 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|v| v as u64)
     }
 
     pub fn content_by_hash(&self, hash: &Hash) -> Result<Option<i64>> {

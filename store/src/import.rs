@@ -500,6 +500,7 @@ impl Ingest<'_> {
             .to_path_buf();
         if self.object_dirs.insert(dir.clone()) {
             std::fs::create_dir_all(&dir).at(&dir)?;
+            crate::set_mode(&dir, 0o755)?;
         }
         // Truncate: a file of this id can only be left over from an import
         // that died before committing, so nothing refers to it.
@@ -730,11 +731,7 @@ impl Store {
         let logical: u64 = tree.files.iter().map(|f| f.size).sum();
         progress.begin(tree.files.len() as u64, logical);
         let external = onnx_external_spans(&tree);
-        let next_object = self.catalog().sql(|c| {
-            c.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM objects", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        })? as u64;
+        let next_object = self.catalog().next_object_id()?;
         let mut ingest = Ingest {
             store: self,
             next_object,

@@ -90,8 +90,17 @@ impl Store {
         // Absolute, so object paths handed to the mount or printed by `ls`
         // stay valid whatever the caller's working directory.
         let root = &std::path::absolute(root).at(root)?;
+        let cat_path = root.join(CATALOG_FILE);
+        // An existing catalog is opened, never re-created: an emptied or
+        // damaged catalog.db must be an error, not a fresh empty store whose
+        // next gc would delete every object.
+        let existed = cat_path.exists();
         std::fs::create_dir_all(root.join(OBJECTS_DIR)).at(root)?;
-        let catalog = Catalog::open(&root.join(CATALOG_FILE), true)?;
+        // Explicit modes, whatever the umask: writable by the owner only.
+        set_mode(root, 0o755)?;
+        set_mode(&root.join(OBJECTS_DIR), 0o755)?;
+        let catalog = Catalog::open(&cat_path, !existed)?;
+        set_mode(&cat_path, 0o644)?;
         fsync_dir(root)?;
         Ok(Store {
             root: root.to_path_buf(),
@@ -228,6 +237,12 @@ impl Store {
             .sql(|c| c.execute("DELETE FROM models WHERE id = ?1", [m.id]))?;
         Ok(m)
     }
+}
+
+/// chmod, independent of the process umask.
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).at(path)
 }
 
 /// fsync a directory so that entries created in it are durable.

@@ -32,6 +32,11 @@ impl WriterLock {
             .write(true)
             .open(path)
             .at(path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))
+                .at(path)?;
+        }
         let fd = file.as_raw_fd();
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
