@@ -49,6 +49,9 @@ pub struct Tree {
     pub logical_bytes: u64,
     /// For each chunk location (object, offset): how many models reference it.
     pub chunk_refs: HashMap<(u64, u64), u32>,
+    /// (name, import time) of every model: imports and removals between two
+    /// trees are the differences.
+    pub model_imports: std::collections::HashSet<(String, i64)>,
 }
 
 pub fn file_ino(content_id: i64) -> u64 {
@@ -70,6 +73,11 @@ impl Tree {
         let mut t = Tree {
             models: snap.models.len(),
             logical_bytes: snap.models.iter().map(|m| m.logical_bytes).sum(),
+            model_imports: snap
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.imported_at_ns))
+                .collect(),
             ..Tree::default()
         };
         t.dirs.insert(

@@ -47,6 +47,9 @@ pub struct Stats {
     pub passthrough_opened_bytes: AtomicU64,
     pub copy_opens: AtomicU64,
     pub refreshes: AtomicU64,
+    /// Models that appeared (imports) and disappeared (removals) while mounted.
+    pub imports_seen: AtomicU64,
+    pub removals_seen: AtomicU64,
     /// Copy-mode read latency histogram: counts per bucket of
     /// [`LATENCY_BUCKETS_US`] (the last counts everything slower).
     pub read_latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
@@ -238,6 +241,14 @@ impl Vfs {
         let old = std::mem::replace(&mut *self.tree.write().expect("tree lock"), new.clone());
         *known = version;
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        let added = new.model_imports.difference(&old.model_imports).count();
+        let removed = old.model_imports.difference(&new.model_imports).count();
+        self.stats
+            .imports_seen
+            .fetch_add(added as u64, Ordering::Relaxed);
+        self.stats
+            .removals_seen
+            .fetch_add(removed as u64, Ordering::Relaxed);
         self.pinner
             .release_unless(|b| new.chunk_refs.contains_key(&(b.object, b.offset)));
         Ok(Some(Changes {
@@ -564,6 +575,8 @@ impl Vfs {
             "passthrough_opened_bytes": s.passthrough_opened_bytes.load(Ordering::Relaxed),
             "copy_opens": s.copy_opens.load(Ordering::Relaxed),
             "refreshes": s.refreshes.load(Ordering::Relaxed),
+            "imports_seen": s.imports_seen.load(Ordering::Relaxed),
+            "removals_seen": s.removals_seen.load(Ordering::Relaxed),
             "pin_budget": self.pinner.budget(),
             "pinned_bytes": self.pinner.stats.pinned_bytes.load(Ordering::Relaxed),
             "cache_hits": self.pinner.stats.hits.load(Ordering::Relaxed),

@@ -268,6 +268,18 @@ pub fn render_metrics(vfs: &Vfs, usage: Option<&Usage>, live: &Live) -> String {
         &one(g(&s.refreshes)),
     );
     metric(
+        "modelfs_imports_total",
+        "counter",
+        "Models imported (or replaced) while mounted, as seen by the mount.",
+        &one(g(&s.imports_seen)),
+    );
+    metric(
+        "modelfs_removals_total",
+        "counter",
+        "Models removed while mounted, as seen by the mount.",
+        &one(g(&s.removals_seen)),
+    );
+    metric(
         "modelfs_pin_budget_bytes",
         "gauge",
         "Memory budget for pinning shared chunks.",
