@@ -359,6 +359,8 @@ impl Filesystem for FuseFs {
         }
     }
 
+    // No extended attributes. ENOSYS (not ENODATA) makes the kernel stop
+    // asking: `ls -l` otherwise costs two daemon round trips per file.
     fn getxattr(
         &self,
         _req: &Request,
@@ -367,15 +369,11 @@ impl Filesystem for FuseFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     // Every modifying call: the mount is read-only (the kernel already

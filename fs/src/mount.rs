@@ -189,6 +189,10 @@ impl Hooks for NoHooks {}
 
 /// Mount and serve until unmounted or SIGTERM/SIGINT.
 pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError> {
+    // Signals are taken by a dedicated thread; block them before any other
+    // thread starts (threads inherit the mask; one that does not block them
+    // would be killed by SIGTERM instead of unmounting cleanly).
+    let sigset = block_signals();
     check_mountpoint(&cfg.mountpoint)?;
     check_store_permissions(&cfg.store)?;
     let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
@@ -199,8 +203,6 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
         cfg.pin_budget,
     )?);
     vfs.start_pin_worker();
-    // Signals are taken by a dedicated thread; block them before any thread starts.
-    let sigset = block_signals();
 
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

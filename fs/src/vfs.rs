@@ -171,7 +171,7 @@ pub struct Vfs {
     objects: Mutex<HashMap<ObjectId, Weak<MappedObject>>>,
     verified: Mutex<HashMap<i64, Arc<Verified>>>,
     /// Result of checking a whole-file object once per mount: true = intact.
-    whole_checked: Mutex<HashMap<i64, bool>>,
+    whole_checked: Mutex<HashMap<i64, Arc<std::sync::OnceLock<bool>>>>,
     passthrough: AtomicBool,
     pub stats: Stats,
     pub pinner: crate::pin::Pinner,
@@ -345,9 +345,19 @@ impl Vfs {
     /// damaged object is served in copy mode instead, where each chunk is
     /// checked and only damaged ranges fail.
     fn whole_object_intact(&self, content: &ContentInfo, label: &str) -> bool {
-        if let Some(&ok) = self.whole_checked.lock().expect("lock").get(&content.id) {
-            return ok;
-        }
+        // One check per content: concurrent first opens wait for it instead
+        // of each hashing the whole object again.
+        let cell = self
+            .whole_checked
+            .lock()
+            .expect("lock")
+            .entry(content.id)
+            .or_default()
+            .clone();
+        *cell.get_or_init(|| self.check_whole_object(content, label))
+    }
+
+    fn check_whole_object(&self, content: &ContentInfo, label: &str) -> bool {
         let path = match content.whole_object {
             Some(obj) => self.store.lock().expect("store lock").object_path(obj),
             None => return false,
@@ -374,10 +384,6 @@ impl Vfs {
         if !ok {
             warn!(object = %path.display(), file = label, "whole-file object failed its check; serving it in copy mode, damaged ranges will return EIO");
         }
-        self.whole_checked
-            .lock()
-            .expect("lock")
-            .insert(content.id, ok);
         ok
     }
 

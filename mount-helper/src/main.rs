@@ -189,7 +189,7 @@ pub struct MountArgs {
     /// FUSE worker threads [default: 4]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Readahead set on the mount after mounting, in KiB [default: 1024]
+    /// Readahead set on the mount after mounting, in KiB [default: 8192]
     #[arg(long)]
     pub read_ahead_kb: Option<u32>,
     /// After SIGTERM/SIGINT, seconds files still open may keep reading before the daemon exits [default: 2]
@@ -423,6 +423,11 @@ fn notify_ready(log_file: Option<&Path>) {
 /// ordinary page cache.
 pub const DEFAULT_PIN_BUDGET: &str = "25%";
 
+/// Readahead of the mount. The kernel offers FUSE 128 KiB; measured here,
+/// copy-mode cold reads keep up with ext4 (whose device uses 8 MiB) only
+/// from about 8 MiB (docs/benchmarks.md).
+pub const DEFAULT_READ_AHEAD_KB: u32 = 8192;
+
 /// Build the mount configuration: flags, else the configuration file, else
 /// defaults. Flag values go through the same validation as the file's keys.
 fn mount(
@@ -485,7 +490,7 @@ fn mount(
         allow_other: merged.allow_other.unwrap_or(false),
         passthrough,
         threads: merged.threads.unwrap_or(4),
-        read_ahead_kb: merged.read_ahead_kb.unwrap_or(1024),
+        read_ahead_kb: merged.read_ahead_kb.unwrap_or(DEFAULT_READ_AHEAD_KB),
         poll_interval: std::time::Duration::from_millis(200),
         shutdown_grace: std::time::Duration::from_secs_f64(merged.shutdown_grace.unwrap_or(2.0)),
         pin_budget,
