@@ -225,16 +225,7 @@ impl Catalog {
             c.prepare_cached(
                 "SELECT id, hash, size, whole_object, format, recipe FROM contents WHERE id = ?1",
             )?
-            .query_row([id], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Vec<u8>>(5)?,
-                ))
-            })
+            .query_row([id], raw_content)
         })?;
         self.content_from_row(row)
     }
@@ -245,32 +236,15 @@ impl Catalog {
             let mut st = c.prepare(
                 "SELECT id, hash, size, whole_object, format, recipe FROM contents ORDER BY id",
             )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Vec<u8>>(5)?,
-                ))
-            })?;
+            let rows = st.query_map([], raw_content)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter().map(|r| self.content_from_row(r)).collect()
     }
 
-    #[allow(clippy::type_complexity)]
     fn content_from_row(
         &self,
-        (id, hash, size, whole, format, blob): (
-            i64,
-            Vec<u8>,
-            i64,
-            Option<i64>,
-            Option<String>,
-            Vec<u8>,
-        ),
+        (id, hash, size, whole, format, blob): RawContent,
     ) -> Result<ContentInfo> {
         let corrupt = |what: &str| {
             Error::Corrupt(format!(
@@ -365,6 +339,21 @@ impl Catalog {
             rows.collect()
         })
     }
+}
+
+/// A `contents` row as stored (id, hash, size, whole_object, format, recipe),
+/// decoded and checked by `Catalog::content_from_row`.
+type RawContent = (i64, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>);
+
+fn raw_content(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawContent> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 fn row_to_model(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelInfo> {
