@@ -14,8 +14,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use modelfs_store::locks;
 use tracing::{info, warn};
@@ -130,6 +131,9 @@ impl Filesystem for FuseFs {
                 self.vfs.disable_passthrough();
             }
         }
+        // Directory listings carry attributes, so `ls -l` and tree walks
+        // need no LOOKUP round trip per entry.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         // Several requests in flight (we run several worker threads).
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -339,6 +343,38 @@ impl Filesystem for FuseFs {
     ) {
         // Loaders probe for a terminal (TCGETS); these are plain files.
         reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.vfs.readdir(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let tree = self.vfs.tree();
+        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            // Gone in a refresh between the two snapshots: leave it out.
+            let Some(attr) = self.vfs.attr(&tree, *child) else {
+                continue;
+            };
+            let attr = self.file_attr(&attr);
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
