@@ -14,10 +14,12 @@ import json
 import mmap
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -448,3 +450,92 @@ def _reader_main(argv):
 
 if __name__ == "__main__":
     sys.exit(_reader_main(sys.argv[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared by the mount, service and reliability tests
+
+
+class LoadReaders:
+    """Threads that keep files of the mount open and read random ranges until stopped.
+    Mismatched bytes are always an error; OSErrors are recorded with their time."""
+
+    def __init__(self, pairs, n_threads=4, seed=100):
+        self.pairs = pairs
+        self.seed = seed
+        self.stop = threading.Event()
+        self.counts = [0] * n_threads
+        self.progress_at = [0.0] * n_threads
+        self.mismatches = []
+        self.errors = []  # (monotonic time, message)
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n_threads)]
+
+    def _run(self, i):
+        def progress(n):
+            self.counts[i] = n
+            self.progress_at[i] = time.monotonic()
+
+        try:
+            random_reads(self.pairs, seed=self.seed + i, n=0, use_mmap=False, stop=self.stop,
+                         progress=progress)
+        except Mismatch as e:
+            self.mismatches.append(f"thread {i}: {e}")
+        except OSError as e:
+            self.errors.append((time.monotonic(), f"thread {i}: {e!r}"))
+        except BaseException as e:  # noqa: BLE001
+            self.mismatches.append(f"thread {i}: unexpected {type(e).__name__}: {e}")
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        assert wait_until(lambda: all(c >= 5 for c in self.counts) or self.errors or self.mismatches, 60), \
+            f"readers made no progress: {self.counts}"
+        assert not self.mismatches and not self.errors, (self.mismatches, self.errors)
+
+    def finish(self, timeout=30):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=timeout)
+        return [t.name for t in self.threads if t.is_alive()]
+
+
+def fresh_workdir(workdir: Path) -> None:
+    """Empty `workdir` for a benchmark run (with a `mnt/` in it), unmounting
+    anything left mounted below it first: never delete through a mount."""
+    workdir = Path(workdir)
+    if workdir.exists():
+        for m in proc_mounts():
+            if m[1] == str(workdir) or m[1].startswith(str(workdir) + "/"):
+                force_unmount(m[1])
+        shutil.rmtree(workdir)
+    (workdir / "mnt").mkdir(parents=True)
+
+
+def _mount_factory(tmp_path):
+    """mount_factory(mfs, *args, start=True, mountpoint=None, prefix=None) -> Mount (cleaned up
+    after the test). A test module uses it with `from mountlib import mount_factory`."""
+    made = []
+    n = [0]
+
+    def make(mfs, *args, start=True, mountpoint=None, prefix=None):
+        if mountpoint is None:
+            n[0] += 1
+            mountpoint = tmp_path / f"mnt{n[0]}"
+            mountpoint.mkdir()
+        m = Mount(mfs, mountpoint, *args, prefix=prefix)
+        made.append(m)
+        if start:
+            m.start_daemon()
+        return m
+
+    yield make
+    for m in made:
+        m.cleanup()
+
+
+try:
+    import pytest as _pytest
+
+    mount_factory = _pytest.fixture(_mount_factory)
+except ImportError:  # used outside pytest (reader subprocesses)
+    pass

@@ -32,7 +32,9 @@ import pytest
 import modelfamily
 import mountlib
 from conftest import Modelfs
-from mountlib import Mount, first_diff, is_mounted, pread_full, stat_ok, wait_until
+from mountlib import (  # noqa: F401 (mount_factory is a fixture)
+    LoadReaders, Mount, first_diff, is_mounted, mount_factory, pread_full, stat_ok, wait_until,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 IS_ROOT = os.geteuid() == 0
@@ -149,26 +151,6 @@ def fam_store(modelfs_bin, family, tmp_path_factory) -> StoreWithFamily:
     return StoreWithFamily(mfs, exp)
 
 
-@pytest.fixture
-def mount_factory(tmp_path):
-    """mount_factory(mfs, *args, start=True, mountpoint=None) -> Mount (cleaned up after the test)."""
-    made = []
-    n = [0]
-
-    def make(mfs, *args, start=True, mountpoint=None, prefix=None):
-        if mountpoint is None:
-            n[0] += 1
-            mountpoint = tmp_path / f"mnt{n[0]}"
-            mountpoint.mkdir()
-        m = Mount(mfs, mountpoint, *args, prefix=prefix)
-        made.append(m)
-        if start:
-            m.start_daemon()
-        return m
-
-    yield make
-    for m in made:
-        m.cleanup()
 
 
 @pytest.fixture(params=MODES)
@@ -609,46 +591,6 @@ def test_umount_command(fam_store, mount_factory, mode):
     assert pids, "could not find the daemon process of `modelfs mount --daemon` in /proc"
     m.umount()  # exit 0, not in /proc/mounts, mountpoint usable, daemon exited
     assert os.listdir(m.mountpoint) == []
-
-
-class LoadReaders:
-    """Threads that keep files of the mount open and read random ranges until stopped.
-    Mismatched bytes are always an error; OSErrors are recorded with their time."""
-
-    def __init__(self, pairs, n_threads=4):
-        self.pairs = pairs
-        self.stop = threading.Event()
-        self.counts = [0] * n_threads
-        self.mismatches = []
-        self.errors = []  # (monotonic time, message)
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n_threads)]
-
-    def _run(self, i):
-        def progress(n):
-            self.counts[i] = n
-
-        try:
-            mountlib.random_reads(self.pairs, seed=100 + i, n=0, use_mmap=False, stop=self.stop,
-                                  progress=progress)
-        except mountlib.Mismatch as e:
-            self.mismatches.append(f"thread {i}: {e}")
-        except OSError as e:
-            self.errors.append((time.monotonic(), f"thread {i}: {e!r}"))
-        except BaseException as e:  # noqa: BLE001
-            self.mismatches.append(f"thread {i}: unexpected {type(e).__name__}: {e}")
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        assert wait_until(lambda: all(c >= 5 for c in self.counts) or self.errors or self.mismatches, 60), \
-            f"readers made no progress: {self.counts}"
-        assert not self.mismatches and not self.errors, (self.mismatches, self.errors)
-
-    def finish(self, timeout=30):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=timeout)
-        return [t.name for t in self.threads if t.is_alive()]
 
 
 def _load_pairs(m: Mount, fam_store, keys=("base/model.safetensors", "ft-head/model.safetensors",

@@ -38,7 +38,7 @@ import pytest
 
 import mountlib
 from conftest import Modelfs
-from mountlib import Mount, first_diff, is_mounted, mount_entries, pread_full
+from mountlib import Mount, first_diff, is_mounted, mount_entries, mount_factory, pread_full  # noqa: F401 (fixture)
 
 TESTS_DIR = Path(__file__).resolve().parent
 IS_ROOT = os.geteuid() == 0
@@ -395,7 +395,7 @@ def test_corruption_verify_names_exactly_the_damaged_files(corrupt_store, capsys
     report(capsys, f"corruption: flip+truncate+delete -> verify named {len(named)} files: {sorted(named)}")
 
 
-def test_corruption_through_mount(corrupt_store, mount_factory_rel, capsys):
+def test_corruption_through_mount(corrupt_store, mount_factory, capsys):
     """Truncated and deleted objects through the mount (bit flips are in test_mount.py):
     reads of the lost ranges fail with EIO, never wrong bytes; the rest reads correctly."""
     _need_root()
@@ -411,7 +411,7 @@ def test_corruption_through_mount(corrupt_store, mount_factory_rel, capsys):
     os.remove(object_path(mfs.store, c_obj))
     checked = 0
     for mode in ("auto", "off"):
-        m = mount_factory_rel(mfs, "--passthrough", mode)
+        m = mount_factory(mfs, "--passthrough", mode)
         for key in ("A/model.safetensors", "B/model.safetensors"):
             name, rel = key.split("/", 1)
             data = (srcs[name] / rel).read_bytes()
@@ -580,25 +580,6 @@ def test_damaged_recipe_in_catalog(corrupt_store):
     assert mfs.cat("C/config.json") == (srcs["C"] / "config.json").read_bytes()
 
 
-@pytest.fixture
-def mount_factory_rel(tmp_path):
-    made = []
-    n = [0]
-
-    def make(mfs, *args, start=True, mountpoint=None, prefix=None):
-        if mountpoint is None:
-            n[0] += 1
-            mountpoint = tmp_path / f"mnt{n[0]}"
-            mountpoint.mkdir()
-        m = Mount(mfs, mountpoint, *args, prefix=prefix)
-        made.append(m)
-        if start:
-            m.start_daemon()
-        return m
-
-    yield make
-    for m in made:
-        m.cleanup()
 
 
 # ------------------------------------------------------------------------------------------
@@ -721,7 +702,7 @@ def _held_open_reader(mp: Path, name: str, files: dict, stop, stats, errors, see
 
 
 @pytest.mark.parametrize("pmode", ["auto", "off"])
-def test_concurrent_reads_during_import_rm_gc(mfs, tmp_path, mount_factory_rel, pmode, capsys):
+def test_concurrent_reads_during_import_rm_gc(mfs, tmp_path, mount_factory, pmode, capsys):
     _need_root()
     seconds = scaled(9, 120)
     srcs = tmp_path / "src"
@@ -745,7 +726,7 @@ def test_concurrent_reads_during_import_rm_gc(mfs, tmp_path, mount_factory_rel, 
     churn_bytes = {n: {rel: p.read_bytes() for rel, p in source_files(s).items()} for n, s in churn_src.items()}
 
     # foreground daemon (our child), so a daemon that dies shows its exit status / signal
-    m = mount_factory_rel(mfs, "--passthrough", pmode, start=False)
+    m = mount_factory(mfs, "--passthrough", pmode, start=False)
     m.start_foreground()
     pairs = [(str(m / name / rel), str(p)) for name, s in stable.items() for rel, p in source_files(s).items()
              if p.stat().st_size > 0]
@@ -972,7 +953,7 @@ def sec_store(mfs, tmp_path):
     return mfs, src
 
 
-def test_mount_options_and_other_users(sec_store, mount_factory_rel):
+def test_mount_options_and_other_users(sec_store, mount_factory):
     """ro, nosuid, nodev, default_permissions in /proc/mounts; statvfs says read-only; user
     nobody cannot read a root mount made without --allow-other, and can with it."""
     _need_root()
@@ -982,7 +963,7 @@ def test_mount_options_and_other_users(sec_store, mount_factory_rel):
         for args, other_can_read in (((), False), (("--allow-other",), True)):
             mp = work / f"mnt{len(args)}"
             mp.mkdir()
-            m = mount_factory_rel(mfs, *args, mountpoint=mp)
+            m = mount_factory(mfs, *args, mountpoint=mp)
             o = _opts(mp)
             for want in ("ro", "nosuid", "nodev", "default_permissions"):
                 assert want in o, f"mount {args}: option {want} missing from /proc/mounts: {sorted(o)}"
@@ -1005,7 +986,7 @@ def test_mount_options_and_other_users(sec_store, mount_factory_rel):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_user_mount_has_no_allow_other(modelfs_bin, mount_factory_rel, tmp_path):
+def test_user_mount_has_no_allow_other(modelfs_bin, mount_factory, tmp_path):
     """An ordinary user's mount without --allow-other carries no allow_other option."""
     _need_root()
     work = _var_tmp_dir("modelfs-usermnt-")
@@ -1018,7 +999,7 @@ def test_user_mount_has_no_allow_other(modelfs_bin, mount_factory_rel, tmp_path)
         subprocess.run(["chmod", "-R", "a+rX", str(src)], check=True)
         user = Modelfs(modelfs_bin, store, mountlib.NOBODY)
         user.import_(src, "--name", "M", ok=True)
-        m = mount_factory_rel(user, mountpoint=mp, start=False)
+        m = mount_factory(user, mountpoint=mp, start=False)
         m.start_daemon()
         o = _opts(mp)
         assert "allow_other" not in o, f"user mount without --allow-other has allow_other: {sorted(o)}"
@@ -1132,7 +1113,7 @@ def test_import_symlinks_escaping_the_tree(mfs, tmp_path):
     assert not problems, "\n".join(problems)
 
 
-def test_import_never_writes_outside_store(mfs, tmp_path, mount_factory_rel):
+def test_import_never_writes_outside_store(mfs, tmp_path, mount_factory):
     """File and model names that look like traversal (`..%2f`, backslashes, `..\\`) are
     ordinary names: stored and shown verbatim, and nothing appears outside the store."""
     src = tmp_path / "tricky"
@@ -1180,7 +1161,7 @@ def test_import_never_writes_outside_store(mfs, tmp_path, mount_factory_rel):
             if not ok:
                 problems.append(f"unexpected file in the store: {rel / f}")
     if IS_ROOT:
-        m = mount_factory_rel(mfs)
+        m = mount_factory(mfs)
         for model_name in ("..%2f..%2fevil",):
             for n in names:
                 if (m / model_name / n).read_bytes() != n.encode() * 50:
@@ -1219,7 +1200,7 @@ def _readdir_all(dp, limit=None):
 
 
 @pytest.fixture
-def posix_mount(mfs, tmp_path, mount_factory_rel, request):
+def posix_mount(mfs, tmp_path, mount_factory, request):
     _need_root()
     src = tmp_path / "src"
     a = make_model(src / "A", seed=61, tensor_mib=6, n_small=40, blob_kib=700, extra_dirs=True)
@@ -1227,7 +1208,7 @@ def posix_mount(mfs, tmp_path, mount_factory_rel, request):
     mfs.import_(src / "A", "--name", "A", ok=True)
     mfs.import_(src / "B", "--name", "B", ok=True)
     assert mfs.ls_files("B")["model.safetensors"]["storage"] == "recipe"
-    m = mount_factory_rel(mfs, "--passthrough", request.param)
+    m = mount_factory(mfs, "--passthrough", request.param)
     return m, src
 
 

@@ -740,43 +740,6 @@ def test_fstab_line_mount_and_umount(svc, helper_mounts, work, mount_helper):
     umount_and_check_exit(m)
 
 
-class Readers:
-    """Threads reading random ranges of mount files (compared with the originals) until stopped."""
-
-    def __init__(self, pairs, n=4):
-        self.pairs, self.stop = pairs, threading.Event()
-        self.counts, self.mismatches, self.errors = [0] * n, [], []
-        self.progress_at = [0.0] * n
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, i):
-        def progress(c):
-            self.counts[i] = c
-            self.progress_at[i] = time.monotonic()
-
-        try:
-            mountlib.random_reads(self.pairs, seed=500 + i, n=0, stop=self.stop, progress=progress)
-        except mountlib.Mismatch as e:
-            self.mismatches.append(f"thread {i}: {e}")
-        except OSError as e:
-            self.errors.append((time.monotonic(), f"thread {i}: {e!r}"))
-        except BaseException as e:  # noqa: BLE001
-            self.mismatches.append(f"thread {i}: {type(e).__name__}: {e}")
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        assert wait_until(lambda: all(c >= 5 for c in self.counts) or self.errors or self.mismatches, 60), \
-            f"readers made no progress: {self.counts}"
-        assert not self.mismatches and not self.errors, (self.mismatches, self.errors)
-
-    def finish(self, timeout=30):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=timeout)
-        return [t.name for t in self.threads if t.is_alive()]
-
-
 def test_sigterm_under_read_load_through_fstab(svc, helper_mounts, work, mount_helper):
     mp = work / "models"
     m = helper_mounts(mp)
@@ -786,7 +749,7 @@ def test_sigterm_under_read_load_through_fstab(svc, helper_mounts, work, mount_h
     m.check_mounted()
     keys = ["ft-head/model.safetensors", "base/model.safetensors", f"{QUOTED_NAME}/model.safetensors",
             "ft-head/tokenizer.json"]
-    readers = Readers([(str(mp / k), str(svc.orig(k))) for k in keys])
+    readers = mountlib.LoadReaders([(str(mp / k), str(svc.orig(k))) for k in keys], seed=500)
     readers.start()
     t_sig = time.monotonic()
     os.kill(m.pid, signal.SIGTERM)

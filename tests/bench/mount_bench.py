@@ -1115,13 +1115,7 @@ def main() -> int:
     if args.workdir is None:
         args.workdir = Path("/var/tmp/modelfs-mount-bench")
     args.workdir = args.workdir.resolve()
-    if args.workdir.exists():
-        for m in mountlib.proc_mounts():  # never delete through a leftover mount
-            if m[1].startswith(str(args.workdir) + "/"):
-                mountlib.force_unmount(m[1])
-        shutil.rmtree(args.workdir)
-    args.workdir.mkdir(parents=True)
-    (args.workdir / "mnt").mkdir()
+    mountlib.fresh_workdir(args.workdir)
 
     bench = Bench(args)
     try:

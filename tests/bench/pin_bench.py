@@ -257,12 +257,7 @@ def main() -> int:
         print("pin_bench needs root (drop_caches, mount)", file=sys.stderr)
         return 2
     args.workdir = args.workdir.resolve()
-    if args.workdir.exists():
-        for m in mountlib.proc_mounts():  # never delete through a leftover mount
-            if m[1] == str(args.workdir) or m[1].startswith(str(args.workdir) + "/"):
-                mountlib.force_unmount(m[1])
-        shutil.rmtree(args.workdir)
-    (args.workdir / "mnt").mkdir(parents=True)
+    mountlib.fresh_workdir(args.workdir)
     bench = Bench(args)
     try:
         res = bench.run()
