@@ -283,6 +283,9 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let removed = self.handles.write().expect("handles").remove(&fh.0);
+        if let Some(Handle::Copy(open)) = &removed {
+            self.vfs.release(open);
+        }
         if let Some(Handle::Passthrough(ino)) = removed {
             let mut backings = self.backings.lock().expect("backings");
             if let Some(b) = backings.get_mut(&ino) {
@@ -527,6 +530,7 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
+        self.vfs.save_all_traces();
         info!("filesystem unmounted");
     }
 }

@@ -15,6 +15,7 @@
 pub mod fuse;
 pub mod mount;
 pub mod pin;
+mod prefetch;
 pub mod tree;
 pub mod vfs;
 

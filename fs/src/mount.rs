@@ -39,6 +39,8 @@ pub struct MountConfig {
     pub shutdown_grace: Duration,
     /// Bytes of shared chunks to keep locked in memory (0: no pinning).
     pub pin_budget: u64,
+    /// How far a load-trace replay may run ahead of the reader (0: no replay).
+    pub prefetch_window: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +203,7 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
         &cfg.store,
         cfg.passthrough == Passthrough::Auto,
         cfg.pin_budget,
+        cfg.prefetch_window,
     )?);
     vfs.start_pin_worker();
 

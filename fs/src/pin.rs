@@ -128,6 +128,16 @@ impl Pinner {
         }
     }
 
+    /// Every pinned block: (object, offset) -> bytes locked.
+    pub fn pinned_blocks(&self) -> HashMap<(u64, u64), u64> {
+        let inner = self.inner.lock().expect("pin lock");
+        inner
+            .locked
+            .iter()
+            .map(|(b, l)| ((b.object, b.offset), l.len))
+            .collect()
+    }
+
     /// Release every pinned block for which `keep` says no (its models
     /// were removed).
     pub fn release_unless(&self, keep: impl Fn(BlockId) -> bool) {

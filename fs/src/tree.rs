@@ -52,6 +52,8 @@ pub struct Tree {
     /// (name, import time) of every model: imports and removals between two
     /// trees are the differences.
     pub model_imports: std::collections::HashSet<(String, i64)>,
+    /// Content ids of each model's files (each once), for per-model stats.
+    pub model_contents: BTreeMap<String, Vec<i64>>,
 }
 
 pub fn file_ino(content_id: i64) -> u64 {
@@ -141,6 +143,10 @@ impl Tree {
             let Some(content) = snap.contents.get(&cid) else {
                 continue;
             };
+            t.model_contents
+                .entry(name.to_string())
+                .or_default()
+                .push(cid);
             let (parent_path, file_name) = full.rsplit_once('/').expect("has a model prefix");
             let parent = t.ensure_dir(parent_path, mtime);
             let ino = file_ino(cid);
@@ -154,6 +160,10 @@ impl Tree {
             node.nlink += 1;
             node.mtime = node.mtime.min(mtime);
             t.link(parent, file_name, ino, false);
+        }
+        for ids in t.model_contents.values_mut() {
+            ids.sort_unstable();
+            ids.dedup();
         }
         t
     }

@@ -2,15 +2,15 @@
 //! file is opened (kernel passthrough or copy mode), and how copy-mode bytes
 //! are read and checked. The FUSE adapter only translates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Instant, SystemTime};
 
 use memmap2::Mmap;
-use modelfs_store::{locks, ContentInfo, ObjectId, Store};
+use modelfs_store::{locks, trace, ContentInfo, ObjectId, Store, TraceRecorder};
 use tracing::{error, info, warn};
 
 use crate::tree::{Tree, CONTROL_DIR_INO, ROOT_INO, STATS_INO};
@@ -50,6 +50,10 @@ pub struct Stats {
     /// Models that appeared (imports) and disappeared (removals) while mounted.
     pub imports_seen: AtomicU64,
     pub removals_seen: AtomicU64,
+    /// Load traces written, failed to write, and replayed.
+    pub traces_saved: AtomicU64,
+    pub trace_errors: AtomicU64,
+    pub trace_replays: AtomicU64,
     /// Copy-mode read latency histogram: counts per bucket of
     /// [`LATENCY_BUCKETS_US`] (the last counts everything slower).
     pub read_latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
@@ -77,7 +81,7 @@ impl Stats {
 /// OFD lock, so gc does not punch holes in it while it is in use.
 pub struct MappedObject {
     _file: File,
-    map: Mmap,
+    pub(crate) map: Mmap,
     path: PathBuf,
 }
 
@@ -111,6 +115,50 @@ impl MappedObject {
         false
     }
 
+    /// Bytes of `[offset, offset+len)` whose pages are in the page cache
+    /// (page granular, so an edge page counts whole when resident).
+    pub fn resident_bytes(&self, offset: u64, len: u64) -> u64 {
+        const PAGE: usize = 4096;
+        let end = (offset + len).min(self.map.len() as u64) as usize;
+        let (offset, base) = (offset as usize, self.map.as_ptr() as usize);
+        if end <= offset {
+            return 0;
+        }
+        let start = (base + offset) / PAGE * PAGE;
+        let stop = (base + end).div_ceil(PAGE) * PAGE;
+        let mut pages = vec![0u8; (stop - start) / PAGE];
+        // SAFETY: the page-aligned range covers only pages of our live
+        // mapping (mappings are page aligned), and `pages` has one byte per page.
+        let rc =
+            unsafe { libc::mincore(start as *mut libc::c_void, stop - start, pages.as_mut_ptr()) };
+        if rc != 0 {
+            return 0;
+        }
+        let resident = pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * PAGE as u64;
+        resident.min((end - offset) as u64)
+    }
+
+    /// Start reading a range from disk in the background (one large
+    /// request instead of the page faults of a later copy).
+    pub fn will_need(&self, offset: u64, len: u64) {
+        const PAGE: usize = 4096;
+        let end = (offset + len).min(self.map.len() as u64) as usize;
+        let base = self.map.as_ptr() as usize;
+        let start = (base + offset as usize) / PAGE * PAGE;
+        let stop = base + end;
+        if stop > start {
+            // SAFETY: the range lies inside our live mapping; WILLNEED
+            // only schedules reads and never changes its contents.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    stop - start,
+                    libc::MADV_WILLNEED,
+                )
+            };
+        }
+    }
+
     pub fn unlock_range(&self, offset: u64, len: u64) {
         if let Some((ptr, n)) = self.inner_pages(offset, len) {
             // SAFETY: as in lock_range.
@@ -119,19 +167,121 @@ impl MappedObject {
     }
 }
 
-/// Which chunks of a content have been checked since the mount started.
-struct Verified(Vec<AtomicBool>);
+/// Byte counts of one content's copy-mode reads, for per-model stats.
+#[derive(Debug, Default)]
+pub struct ContentCounters {
+    pub read_bytes: AtomicU64,
+    /// Bytes whose pages were in memory when the read arrived (pinned,
+    /// prefetched or still cached) vs bytes that had to come from disk.
+    pub read_resident_bytes: AtomicU64,
+    pub read_disk_bytes: AtomicU64,
+    /// Bytes a trace replay brought in from disk ahead of the reader.
+    pub prefetched_bytes: AtomicU64,
+}
+
+/// What the mount knows about one content for as long as it runs: which
+/// chunks are checked, its counters, and its load trace.
+pub struct ContentState {
+    /// Per segment: [`UNCHECKED`], [`CHECKING`] (a thread is hashing it) or
+    /// [`CHECKED`] since the mount started. The middle state lets a reader
+    /// wait for the replay's hash of a chunk instead of hashing it again.
+    checks: Vec<AtomicU8>,
+    pub counters: ContentCounters,
+    /// Copy-mode handles open now; a trace is saved when it drops to 0.
+    opens: AtomicU32,
+    /// First-touch order of this mount's reads.
+    recorder: Mutex<TraceRecorder>,
+    /// Bytes covered by the trace on disk (0: none). A recording replaces it
+    /// only when it covers more, so a partial look (`head`, a header read)
+    /// never overwrites the trace of a full load.
+    saved_covered: AtomicU64,
+    /// A replay of the trace is running.
+    replaying: AtomicBool,
+}
 
 /// A content opened in copy mode.
 pub struct OpenContent {
-    content: Arc<ContentInfo>,
+    pub(crate) content: Arc<ContentInfo>,
     label: String,
     /// File offset of each segment.
-    starts: Vec<u64>,
-    objects: HashMap<ObjectId, Arc<MappedObject>>,
-    verified: Arc<Verified>,
+    pub(crate) starts: Vec<u64>,
+    pub(crate) objects: HashMap<ObjectId, Arc<MappedObject>>,
+    pub(crate) state: Arc<ContentState>,
     /// Number of models referencing each segment's chunk (for pinning).
     refs: Vec<u32>,
+}
+
+/// Chunk locations (object, offset) checked against their hash in this
+/// mount, whichever file they were read through: a chunk B shares with A
+/// is not hashed again when B is read after A.
+#[derive(Default)]
+pub struct VerifiedChunks(Mutex<HashSet<(ObjectId, u64)>>);
+
+impl VerifiedChunks {
+    pub fn contains(&self, object: ObjectId, offset: u64) -> bool {
+        self.0
+            .lock()
+            .expect("verified lock")
+            .contains(&(object, offset))
+    }
+
+    pub fn insert(&self, object: ObjectId, offset: u64) {
+        self.0
+            .lock()
+            .expect("verified lock")
+            .insert((object, offset));
+    }
+}
+
+impl ContentState {
+    pub(crate) fn end_replay(&self) {
+        self.replaying.store(false, Ordering::Release);
+    }
+}
+
+const UNCHECKED: u8 = 0;
+const CHECKING: u8 = 1;
+const CHECKED: u8 = 2;
+
+impl OpenContent {
+    /// Whether segment `i` is known good; checks it (hashing its bytes) if
+    /// not. False: the bytes do not match the hash.
+    pub(crate) fn check_segment(&self, i: usize, checked: &VerifiedChunks) -> bool {
+        let state = &self.state.checks[i];
+        loop {
+            match state.compare_exchange(UNCHECKED, CHECKING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(CHECKED) => return true,
+                // Another thread (usually the trace replay) is hashing it:
+                // its answer arrives within a chunk's hash time.
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+        let s = &self.content.segments[i];
+        let good = checked.contains(s.object, s.object_offset) || {
+            let obj = &self.objects[&s.object];
+            let (a, b) = (
+                s.object_offset as usize,
+                s.object_offset as usize + s.len as usize,
+            );
+            b <= obj.map.len() && blake3::hash(&obj.map[a..b]).as_bytes() == &s.hash.0
+        };
+        if good {
+            checked.insert(s.object, s.object_offset);
+        }
+        // A bad chunk goes back to unchecked, so every read of it fails.
+        state.store(if good { CHECKED } else { UNCHECKED }, Ordering::Release);
+        good
+    }
+
+    /// Segment `i` is checked already (no hashing needed to serve it).
+    pub(crate) fn segment_checked(&self, i: usize) -> bool {
+        self.state.checks[i].load(Ordering::Acquire) == CHECKED
+    }
+
+    pub(crate) fn still_open(&self) -> bool {
+        self.state.opens.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// How an open file is served.
@@ -169,7 +319,10 @@ pub struct Vfs {
     mounted_at: SystemTime,
     started: Instant,
     objects: Mutex<HashMap<ObjectId, Weak<MappedObject>>>,
-    verified: Mutex<HashMap<i64, Arc<Verified>>>,
+    contents: Mutex<HashMap<i64, Arc<ContentState>>>,
+    verified_chunks: Arc<VerifiedChunks>,
+    /// How far a trace replay may run ahead of the reader (0: no replay).
+    prefetch_window: u64,
     /// Result of checking a whole-file object once per mount: true = intact.
     whole_checked: Mutex<HashMap<i64, Arc<std::sync::OnceLock<bool>>>>,
     passthrough: AtomicBool,
@@ -185,6 +338,7 @@ impl Vfs {
         store_root: &Path,
         passthrough: bool,
         pin_budget: u64,
+        prefetch_window: u64,
     ) -> modelfs_store::Result<Vfs> {
         // Registering passthrough backing files needs CAP_SYS_ADMIN.
         // SAFETY: geteuid has no preconditions.
@@ -201,7 +355,9 @@ impl Vfs {
             mounted_at,
             started: Instant::now(),
             objects: Mutex::new(HashMap::new()),
-            verified: Mutex::new(HashMap::new()),
+            contents: Mutex::new(HashMap::new()),
+            verified_chunks: Arc::new(VerifiedChunks::default()),
+            prefetch_window,
             whole_checked: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(passthrough),
             stats: Stats::default(),
@@ -381,7 +537,11 @@ impl Vfs {
             Some(Err(libc::ENOENT)) | None => return false,
             Some(Err(_)) => false,
         };
-        if !ok {
+        if ok {
+            for seg in &content.segments {
+                self.verified_chunks.insert(seg.object, seg.object_offset);
+            }
+        } else {
             warn!(object = %path.display(), file = label, "whole-file object failed its check; serving it in copy mode, damaged ranges will return EIO");
         }
         ok
@@ -449,17 +609,24 @@ impl Vfs {
         if !self.content_live(content.id) {
             return Err(libc::ENOENT);
         }
-        let verified = self
-            .verified
+        let state = self
+            .contents
             .lock()
-            .expect("verified lock")
+            .expect("contents lock")
             .entry(content.id)
             .or_insert_with(|| {
-                Arc::new(Verified(
-                    (0..content.segments.len())
-                        .map(|_| AtomicBool::new(false))
+                let saved = trace::read_trace(&self.store_root, &content.hash, content.size)
+                    .map_or(0, |t| t.covered());
+                Arc::new(ContentState {
+                    checks: (0..content.segments.len())
+                        .map(|_| AtomicU8::new(UNCHECKED))
                         .collect(),
-                ))
+                    counters: ContentCounters::default(),
+                    opens: AtomicU32::new(0),
+                    recorder: Mutex::new(TraceRecorder::new(content.size)),
+                    saved_covered: AtomicU64::new(saved),
+                    replaying: AtomicBool::new(false),
+                })
             })
             .clone();
         let mut starts = Vec::with_capacity(content.segments.len());
@@ -479,14 +646,83 @@ impl Vfs {
                     .unwrap_or(1)
             })
             .collect();
-        Ok(Arc::new(OpenContent {
+        let open = Arc::new(OpenContent {
             label: label.to_string(),
             content,
             starts,
             objects,
-            verified,
+            state,
             refs,
-        }))
+        });
+        let first = open.state.opens.fetch_add(1, Ordering::AcqRel) == 0;
+        if first {
+            self.start_replay(&open);
+        }
+        Ok(open)
+    }
+
+    /// A copy-mode handle was closed. When the last one goes, the load
+    /// trace is saved if this mount's reads cover more than the saved one.
+    pub fn release(&self, open: &OpenContent) {
+        if open.state.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.save_trace(&open.content, &open.state);
+        }
+    }
+
+    fn save_trace(&self, content: &ContentInfo, state: &ContentState) {
+        let recorder = state.recorder.lock().expect("recorder lock");
+        let covered = recorder.covered();
+        if covered <= state.saved_covered.load(Ordering::Relaxed) {
+            return;
+        }
+        match trace::write_trace(&self.store_root, &content.hash, recorder.trace()) {
+            Ok(()) => {
+                state.saved_covered.store(covered, Ordering::Relaxed);
+                self.stats.traces_saved.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.trace_errors.fetch_add(1, Ordering::Relaxed);
+                warn!("cannot save a load trace: {e}");
+            }
+        }
+    }
+
+    /// Save every trace still being recorded (at unmount).
+    pub fn save_all_traces(&self) {
+        let tree = self.tree();
+        let states: Vec<(i64, Arc<ContentState>)> = self
+            .contents
+            .lock()
+            .expect("contents lock")
+            .iter()
+            .map(|(&id, st)| (id, st.clone()))
+            .collect();
+        for (id, state) in states {
+            if let Some(f) = tree.files.get(&crate::tree::file_ino(id)) {
+                self.save_trace(&f.content, &state);
+            }
+        }
+    }
+
+    /// At the first open of a content (again, after all its handles were
+    /// closed), replay its recorded trace ahead of the reader.
+    fn start_replay(&self, open: &Arc<OpenContent>) {
+        if self.prefetch_window == 0 || open.state.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(trace) =
+            trace::read_trace(&self.store_root, &open.content.hash, open.content.size)
+        else {
+            open.state.replaying.store(false, Ordering::Release);
+            return;
+        };
+        self.stats.trace_replays.fetch_add(1, Ordering::Relaxed);
+        crate::prefetch::spawn_replay(
+            open.clone(),
+            trace,
+            self.prefetch_window,
+            self.verified_chunks.clone(),
+        );
     }
 
     /// Copy-mode read: each chunk is checked against its hash the first
@@ -504,6 +740,7 @@ impl Vfs {
         };
         let mut i = first;
         let mut pieces: Vec<(&Arc<MappedObject>, usize, usize)> = Vec::new();
+        let mut resident = 0u64;
         while i < c.segments.len() && open.starts[i] < end {
             let s = &c.segments[i];
             let obj = &open.objects[&s.object];
@@ -512,18 +749,23 @@ impl Vfs {
             if seg_end > obj.map.len() {
                 return Err(self.damaged(open, i, "object is truncated"));
             }
-            if !open.verified.0[i].load(Ordering::Acquire) {
-                if blake3::hash(&obj.map[seg_start..seg_end]).as_bytes() != &s.hash.0 {
-                    return Err(self.damaged(open, i, "chunk does not match its hash"));
-                }
-                open.verified.0[i].store(true, Ordering::Release);
+            let from = offset.max(open.starts[i]) - open.starts[i];
+            let to = end.min(open.starts[i] + u64::from(s.len)) - open.starts[i];
+            let (a, b) = (seg_start + from as usize, seg_start + to as usize);
+            // Measured before anything below touches the pages.
+            let here = obj.resident_bytes(a as u64, (b - a) as u64);
+            resident += here;
+            if here < (b - a) as u64 {
+                // One large read of the chunk instead of the page faults of
+                // the hash and the copy (the store disk's readahead is small).
+                obj.will_need(s.object_offset, u64::from(s.len));
+            }
+            if !open.check_segment(i, &self.verified_chunks) {
+                return Err(self.damaged(open, i, "chunk does not match its hash"));
             }
             let refs = open.refs.get(i).copied().unwrap_or(1);
             self.pinner
                 .access(obj, s.object, s.object_offset, u64::from(s.len), refs);
-            let from = offset.max(open.starts[i]) - open.starts[i];
-            let to = end.min(open.starts[i] + u64::from(s.len)) - open.starts[i];
-            let (a, b) = (seg_start + from as usize, seg_start + to as usize);
             // Consecutive chunks stored back to back in one object (the
             // usual case: a tensor's pieces) are served as one slice.
             match pieces.last_mut() {
@@ -532,13 +774,26 @@ impl Vfs {
             }
             i += 1;
         }
-        self.stats
-            .read_bytes
-            .fetch_add(end - offset, Ordering::Relaxed);
+        let len = end - offset;
+        self.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
+        let counters = &open.state.counters;
+        counters.read_bytes.fetch_add(len, Ordering::Relaxed);
+        counters
+            .read_resident_bytes
+            .fetch_add(resident.min(len), Ordering::Relaxed);
+        counters
+            .read_disk_bytes
+            .fetch_add(len - resident.min(len), Ordering::Relaxed);
+        {
+            let mut recorder = open.state.recorder.lock().expect("recorder lock");
+            if !recorder.full() {
+                recorder.record(offset, len);
+            }
+        }
         if let [(obj, a, b)] = pieces[..] {
             return Ok(ReadOut::Mapped(Arc::clone(obj), a, b));
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = Vec::with_capacity(len as usize);
         for (obj, a, b) in pieces {
             out.extend_from_slice(&obj.map[a..b]);
         }
@@ -587,14 +842,104 @@ impl Vfs {
             "pinned_bytes": self.pinner.stats.pinned_bytes.load(Ordering::Relaxed),
             "cache_hits": self.pinner.stats.hits.load(Ordering::Relaxed),
             "cache_misses": self.pinner.stats.misses.load(Ordering::Relaxed),
+            "prefetch_window": self.prefetch_window,
+            "traces_saved": s.traces_saved.load(Ordering::Relaxed),
+            "trace_replays": s.trace_replays.load(Ordering::Relaxed),
+            "trace_errors": s.trace_errors.load(Ordering::Relaxed),
+            "trace_replays_running": self.replays_running(),
         });
+        let mut v = v;
+        let (totals, models) = self.model_stats(&tree);
+        v["read_resident_bytes"] = totals.read_resident_bytes.into();
+        v["read_disk_bytes"] = totals.read_disk_bytes.into();
+        v["prefetched_bytes"] = totals.prefetched_bytes.into();
+        v["models"] = serde_json::to_value(models).expect("json");
         let mut text = serde_json::to_string_pretty(&v).expect("json");
         text.push('\n');
         text
     }
 }
 
+/// One model's line in stats.json. A content shared by several models
+/// (identical files) counts in each of them, like a chunk shared by several
+/// models counts in each one's `pinned_bytes`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ModelStats {
+    pub name: String,
+    pub files: usize,
+    /// Bytes of this model's chunks locked in memory now.
+    pub pinned_bytes: u64,
+    /// Copy-mode reads of its files since the mount started (passthrough
+    /// reads bypass the daemon and are not counted).
+    pub read_bytes: u64,
+    pub read_resident_bytes: u64,
+    pub read_disk_bytes: u64,
+    pub prefetched_bytes: u64,
+}
+
 impl Vfs {
+    /// Trace replays in progress now.
+    pub fn replays_running(&self) -> usize {
+        let states = self.contents.lock().expect("contents lock");
+        states
+            .values()
+            .filter(|st| st.replaying.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// The read counters summed over all contents (for metrics).
+    pub fn read_totals(&self) -> ModelStats {
+        let states = self.contents.lock().expect("contents lock");
+        let mut totals = ModelStats::default();
+        for st in states.values() {
+            let c = &st.counters;
+            totals.read_bytes += c.read_bytes.load(Ordering::Relaxed);
+            totals.read_resident_bytes += c.read_resident_bytes.load(Ordering::Relaxed);
+            totals.read_disk_bytes += c.read_disk_bytes.load(Ordering::Relaxed);
+            totals.prefetched_bytes += c.prefetched_bytes.load(Ordering::Relaxed);
+        }
+        totals
+    }
+
+    /// Per-model figures, and the read counters summed over all contents.
+    fn model_stats(&self, tree: &Tree) -> (ModelStats, Vec<ModelStats>) {
+        let totals = self.read_totals();
+        let pinned = self.pinner.pinned_blocks();
+        let states = self.contents.lock().expect("contents lock");
+        let mut models = Vec::with_capacity(tree.model_contents.len());
+        for (name, ids) in &tree.model_contents {
+            let mut m = ModelStats {
+                name: name.clone(),
+                files: ids.len(),
+                ..ModelStats::default()
+            };
+            let mut seen: HashSet<(u64, u64)> = HashSet::new();
+            for id in ids {
+                if let Some(st) = states.get(id) {
+                    let c = &st.counters;
+                    m.read_bytes += c.read_bytes.load(Ordering::Relaxed);
+                    m.read_resident_bytes += c.read_resident_bytes.load(Ordering::Relaxed);
+                    m.read_disk_bytes += c.read_disk_bytes.load(Ordering::Relaxed);
+                    m.prefetched_bytes += c.prefetched_bytes.load(Ordering::Relaxed);
+                }
+                if pinned.is_empty() {
+                    continue;
+                }
+                let Some(f) = tree.files.get(&crate::tree::file_ino(*id)) else {
+                    continue;
+                };
+                for s in &f.content.segments {
+                    let key = (s.object, s.object_offset);
+                    if seen.insert(key) {
+                        m.pinned_bytes += pinned.get(&key).copied().unwrap_or(0);
+                    }
+                }
+            }
+            models.push(m);
+        }
+        (totals, models)
+    }
+
     /// Start the worker that pins the chunks of files opened by passthrough
     /// (the daemon never sees their reads, so it considers them at open, in
     /// file order, off the request path: locking faults pages in from disk).

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub mountpoint: Option<PathBuf>,
     /// Memory budget for pinning shared chunks ("4GiB", "512MiB", "25%").
     pub pin_budget: Option<String>,
+    /// How far a load-trace replay may read ahead of the loader ("256MiB"; "0": no replay).
+    pub prefetch_window: Option<String>,
     /// "auto" or "off".
     pub passthrough: Option<String>,
     /// FUSE worker threads.
@@ -87,6 +89,9 @@ impl FileConfig {
         }
         if let Some(b) = &self.pin_budget {
             parse_size(b).map_err(|e| bad("pin_budget", e))?;
+        }
+        if let Some(w) = &self.prefetch_window {
+            parse_size(w).map_err(|e| bad("prefetch_window", e))?;
         }
         if let Some(p) = &self.passthrough {
             if p != "auto" && p != "off" {

@@ -67,7 +67,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
             "-o" => options.push(it.next().context("-o needs an argument")?.to_string_lossy().into_owned()),
             "-f" => foreground = true,
             "-n" | "-s" | "-v" => {}
-            "-h" | "--help" => bail!("usage: mount.fuse.modelfs STORE MOUNTPOINT [-o OPTIONS] [-f]\n  options: allow_other, pin_budget=SIZE, passthrough=auto|off, threads=N, read_ahead_kb=N, shutdown_grace=SECONDS, metrics=ADDR, log_file=PATH, config=FILE (generic mount options such as defaults, ro, noauto, nofail, _netdev, x-systemd.* are accepted and ignored)"),
+            "-h" | "--help" => bail!("usage: mount.fuse.modelfs STORE MOUNTPOINT [-o OPTIONS] [-f]\n  options: allow_other, pin_budget=SIZE, prefetch_window=SIZE, passthrough=auto|off, threads=N, read_ahead_kb=N, shutdown_grace=SECONDS, metrics=ADDR, log_file=PATH, config=FILE (generic mount options such as defaults, ro, noauto, nofail, _netdev, x-systemd.* are accepted and ignored)"),
             o if o.starts_with("-o") && o.len() > 2 => options.push(o[2..].to_string()),
             o if o.starts_with('-') => bail!("unknown flag {o}"),
             _ => positional.push(s),
@@ -105,8 +105,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Cli> {
                 global.push(value.context("config= needs a file")?.into());
                 continue;
             }
-            "pin_budget" | "passthrough" | "threads" | "read_ahead_kb" | "shutdown_grace"
-            | "metrics" | "log_file" => format!("--{}", key.replace('_', "-")),
+            "pin_budget" | "prefetch_window" | "passthrough" | "threads" | "read_ahead_kb"
+            | "shutdown_grace" | "metrics" | "log_file" => format!("--{}", key.replace('_', "-")),
             _ => bail!("unknown mount option {opt:?} (see mount.fuse.modelfs -h)"),
         };
         let value =

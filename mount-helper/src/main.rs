@@ -133,6 +133,25 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
         #[arg(long)]
         json: bool,
     },
+    /// What a running mount serves from memory and from disk: pinned bytes, reads, prefetch, per model
+    #[command(
+        long_about = "Statistics of a running mount, overall and per model: bytes pinned in memory, \
+copy-mode reads served from resident pages vs from disk, bytes prefetched by load-trace replay, and \
+traces saved/replayed. Read from MOUNTPOINT/.modelfs/stats.json (which --json prints as is). \
+Passthrough reads go from the kernel to the store without the daemon, so they are not in the read \
+counters; pinned bytes cover both modes. A file shared by several models counts in each of them. \
+Exits 3 if nothing is mounted there."
+    )]
+    Stats {
+        /// Mount point [default: `mountpoint` from the configuration]
+        mountpoint: Option<PathBuf>,
+        /// Only this model's line
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Pull a model's files into memory by reading them through the mount, so the
     /// mount's pinning policy can keep their shared chunks (within its budget)
     Warm {
@@ -198,6 +217,9 @@ pub struct MountArgs {
     /// Memory budget for pinning chunks many models share ("4GiB", "25%") [default: 25%]
     #[arg(long)]
     pub pin_budget: Option<String>,
+    /// How far ahead of a loader the mount may replay a file's recorded load trace ("256MiB", "5%"; 0 turns replay off) [default: 256MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub prefetch_window: Option<String>,
     /// Serve Prometheus metrics at this address, e.g. 127.0.0.1:9477 [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -284,6 +306,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mountpoint.or(file_cfg.mountpoint.clone()),
             json,
         )?,
+        Command::Stats {
+            mountpoint,
+            model,
+            json,
+        } => {
+            let mnt = mountpoint.or(file_cfg.mountpoint.clone());
+            return stats(mnt.as_deref(), model.as_deref(), json);
+        }
         Command::Status { mountpoint, json } => {
             let mnt = mountpoint.or(file_cfg.mountpoint.clone());
             return status(&dir, mnt.as_deref(), json);
@@ -325,11 +355,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 output::json(&r)?;
             } else {
                 println!(
-                    "gc: freed {}; removed {} objects, {} contents, {} chunks; punched holes in {} objects{}",
+                    "gc: freed {}; removed {} objects, {} contents, {} chunks, {} load traces; punched holes in {} objects{}",
                     HumanBytes(r.bytes_freed),
                     r.objects_removed,
                     r.contents_removed,
                     r.chunks_removed,
+                    r.traces_removed,
                     r.objects_punched,
                     if r.objects_busy > 0 {
                         format!("; {} objects in use by readers left for the next gc", r.objects_busy)
@@ -422,6 +453,9 @@ fn notify_ready(log_file: Option<&Path>) {
 /// pages cannot be reclaimed, so most memory stays free for loaders and the
 /// ordinary page cache.
 pub const DEFAULT_PIN_BUDGET: &str = "25%";
+/// Enough to keep the disk busy for a fraction of a second ahead of a
+/// loader, small next to any serving node's memory.
+pub const DEFAULT_PREFETCH_WINDOW: &str = "256MiB";
 
 /// Readahead of the mount. The kernel offers FUSE 128 KiB; measured here,
 /// copy-mode cold reads keep up with ext4 (whose device uses 8 MiB) only
@@ -445,6 +479,10 @@ fn mount(
             .map(|m| std::path::absolute(&m))
             .transpose()?,
         pin_budget: args.pin_budget.clone().or(file.pin_budget.clone()),
+        prefetch_window: args
+            .prefetch_window
+            .clone()
+            .or(file.prefetch_window.clone()),
         passthrough: args
             .passthrough
             .map(|p| {
@@ -475,6 +513,12 @@ fn mount(
     };
     let pin_budget =
         config::parse_size(merged.pin_budget.as_deref().unwrap_or(DEFAULT_PIN_BUDGET))?;
+    let prefetch_window = config::parse_size(
+        merged
+            .prefetch_window
+            .as_deref()
+            .unwrap_or(DEFAULT_PREFETCH_WINDOW),
+    )?;
     let metrics = merged
         .metrics
         .as_deref()
@@ -494,6 +538,7 @@ fn mount(
         poll_interval: std::time::Duration::from_millis(200),
         shutdown_grace: std::time::Duration::from_secs_f64(merged.shutdown_grace.unwrap_or(2.0)),
         pin_budget,
+        prefetch_window,
     };
     if args.daemon {
         modelfs_fs::check_mountpoint(&mountpoint)?;
@@ -582,6 +627,7 @@ fn warm(
         mountpoint.filter(|m| modelfs_fs::mount_entry(m).is_some_and(|(_, t)| t == "fuse.modelfs"));
     let started = std::time::Instant::now();
     let mut bytes = 0u64;
+    let mut traced = 0usize;
     let mut buf = vec![0u8; 1 << 20];
     for f in &wanted {
         match &mounted {
@@ -589,6 +635,14 @@ fn warm(
                 let path = m.join(name).join(&f.path);
                 let mut file =
                     std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+                // The recorded load order first, so what a loader reads
+                // first is in memory first; then whatever the trace missed.
+                if let Some(trace) = store.load_trace(&f.hash, f.size) {
+                    traced += 1;
+                    bytes += read_in_trace_order(&file, &trace, &mut buf)
+                        .with_context(|| format!("{}", path.display()))?;
+                    continue;
+                }
                 loop {
                     let n = file
                         .read(&mut buf)
@@ -615,16 +669,75 @@ fn warm(
     if as_json {
         output::json(&serde_json::json!({
             "model": name, "files": wanted.len(), "bytes": bytes, "seconds": seconds,
-            "through_mount": mounted.is_some(),
+            "through_mount": mounted.is_some(), "files_in_trace_order": traced,
         }))?;
     } else {
         println!(
-            "warmed {name}: {} files, {} in {seconds:.2} s {via}",
+            "warmed {name}: {} files ({traced} in recorded load order), {} in {seconds:.2} s {via}",
             wanted.len(),
             HumanBytes(bytes)
         );
     }
     Ok(())
+}
+
+/// Read the trace's ranges in order, then the bytes it does not cover.
+fn read_in_trace_order(
+    file: &std::fs::File,
+    trace: &modelfs_store::LoadTrace,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let read_range = |offset: u64, len: u64, buf: &mut [u8]| -> io::Result<()> {
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    };
+    for &(offset, len) in &trace.ranges {
+        read_range(offset, len, buf)?;
+    }
+    let mut sorted = trace.ranges.clone();
+    sorted.sort_unstable();
+    let mut pos = 0;
+    for (offset, len) in sorted.into_iter().chain([(trace.file_size, 0)]) {
+        if offset > pos {
+            read_range(pos, offset - pos, buf)?;
+        }
+        pos = pos.max(offset + len);
+    }
+    Ok(trace.file_size)
+}
+
+/// `modelfs stats`: the mount's statistics file, as a table or as is.
+fn stats(mountpoint: Option<&Path>, model: Option<&str>, as_json: bool) -> Result<ExitCode> {
+    let Some(mnt) = mountpoint else {
+        bail!("no mount point: give one, or set `mountpoint` in the configuration file");
+    };
+    if modelfs_fs::mount_entry(mnt).is_none_or(|(_, t)| t != "fuse.modelfs") {
+        eprintln!("modelfs: {}: no modelfs mount there", mnt.display());
+        return Ok(ExitCode::from(3));
+    }
+    let path = mnt.join(".modelfs/stats.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    if let Some(name) = model {
+        let models = v["models"].as_array().cloned().unwrap_or_default();
+        let Some(line) = models.into_iter().find(|m| m["name"] == name) else {
+            bail!("the mount at {} has no model {name:?}", mnt.display());
+        };
+        v["models"] = serde_json::Value::Array(vec![line]);
+    }
+    if as_json {
+        output::json(&v)?;
+    } else {
+        output::mount_stats(mnt, &v);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `modelfs status`: the mount's own statistics plus the store's usage.

@@ -159,3 +159,75 @@ pub fn verify(r: &VerifyReport) {
         r.damaged.len()
     );
 }
+
+/// `modelfs stats` as text, from the mount's stats.json.
+pub fn mount_stats(mountpoint: &std::path::Path, v: &serde_json::Value) {
+    let n = |key: &str| v[key].as_u64().unwrap_or(0);
+    let b = |key: &str| HumanBytes(n(key)).to_string();
+    let share = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            100.0 * part as f64 / whole as f64
+        }
+    };
+    println!(
+        "{} ({} mode), up {:.0} s",
+        mountpoint.display(),
+        v["mode"].as_str().unwrap_or("?"),
+        v["uptime_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "copy-mode reads: {} in {} requests, {:.1}% from memory ({}), {} from disk; {} EIO",
+        b("read_bytes"),
+        n("read_requests"),
+        share(n("read_resident_bytes"), n("read_bytes")),
+        b("read_resident_bytes"),
+        b("read_disk_bytes"),
+        n("eio")
+    );
+    println!(
+        "passthrough: {} opens ({} of files; the kernel reads them without the daemon)",
+        n("passthrough_opens"),
+        b("passthrough_opened_bytes")
+    );
+    println!(
+        "pinned: {} of a {} budget; pin policy hits {}, misses {}",
+        b("pinned_bytes"),
+        b("pin_budget"),
+        n("cache_hits"),
+        n("cache_misses")
+    );
+    println!(
+        "prefetch: {} read ahead by trace replay (window {}); traces saved {}, replayed {}, failed {}",
+        b("prefetched_bytes"),
+        b("prefetch_window"),
+        n("traces_saved"),
+        n("trace_replays"),
+        n("trace_errors")
+    );
+    let models = v["models"].as_array().cloned().unwrap_or_default();
+    let width = models
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::len))
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
+        "MODEL", "FILES", "PINNED", "READ", "FROM MEMORY", "FROM DISK", "PREFETCHED"
+    );
+    for m in &models {
+        let mb = |key: &str| HumanBytes(m[key].as_u64().unwrap_or(0)).to_string();
+        println!(
+            "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
+            m["name"].as_str().unwrap_or("?"),
+            m["files"].as_u64().unwrap_or(0),
+            mb("pinned_bytes"),
+            mb("read_bytes"),
+            mb("read_resident_bytes"),
+            mb("read_disk_bytes"),
+            mb("prefetched_bytes")
+        );
+    }
+}

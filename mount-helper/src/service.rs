@@ -303,6 +303,35 @@ pub fn render_metrics(vfs: &Vfs, usage: Option<&Usage>, live: &Live) -> String {
         "Chunk reads the pinning policy did not find pinned.",
         &one(g(&vfs.pinner.stats.misses)),
     );
+    let totals = vfs.read_totals();
+    metric(
+        "modelfs_read_source_bytes_total",
+        "counter",
+        "Copy-mode bytes served from pages already in memory (pinned, prefetched or cached) vs read from disk.",
+        &[
+            (
+                "{source=\"memory\"}".into(),
+                totals.read_resident_bytes as f64,
+            ),
+            ("{source=\"disk\"}".into(), totals.read_disk_bytes as f64),
+        ],
+    );
+    metric(
+        "modelfs_prefetched_bytes_total",
+        "counter",
+        "Bytes brought in from disk ahead of loaders by load-trace replay.",
+        &one(totals.prefetched_bytes),
+    );
+    metric(
+        "modelfs_load_traces_total",
+        "counter",
+        "Load traces saved, replayed, and failed to save.",
+        &[
+            ("{event=\"saved\"}".into(), g(&s.traces_saved) as f64),
+            ("{event=\"replayed\"}".into(), g(&s.trace_replays) as f64),
+            ("{event=\"failed\"}".into(), g(&s.trace_errors) as f64),
+        ],
+    );
     metric(
         "modelfs_config_reloads_total",
         "counter",

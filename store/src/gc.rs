@@ -29,6 +29,8 @@ pub struct GcReport {
     /// Objects with dead ranges left alone because a reader has them open.
     pub objects_busy: u64,
     pub bytes_freed: u64,
+    /// Load traces of contents no model has any more.
+    pub traces_removed: u64,
 }
 
 impl Store {
@@ -133,10 +135,44 @@ impl Store {
                 report.objects_punched += 1;
             }
         }
+        report.traces_removed = self.remove_orphan_traces(&contents)?;
         let _ = self
             .catalog()
             .sql(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())));
         Ok(report)
+    }
+
+    /// Delete traces whose content is gone, and temporary files a mount
+    /// left behind more than a minute ago (younger ones may be mid-write).
+    fn remove_orphan_traces(&self, contents: &[crate::ContentInfo]) -> Result<u64> {
+        let live: HashSet<String> = contents.iter().map(|c| c.hash.to_hex()).collect();
+        let root = self.root().join(crate::TRACES_DIR);
+        let Ok(fanout) = std::fs::read_dir(&root) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for dir in fanout {
+            let dir = dir.at(&root)?.path();
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for file in files {
+                let file = file.at(&dir)?;
+                let name = file.file_name().to_string_lossy().into_owned();
+                let stale_tmp = name.starts_with(".tmp-")
+                    && file
+                        .metadata()
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() > 60);
+                if stale_tmp || (!name.starts_with(".tmp-") && !live.contains(&name)) {
+                    std::fs::remove_file(file.path()).at(file.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 

@@ -24,6 +24,7 @@ pub mod locks;
 mod names;
 mod read;
 pub mod recipe;
+pub mod trace;
 mod usage;
 mod verify;
 
@@ -34,9 +35,10 @@ pub use chunker::{CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
-pub use names::{validate_model_name, RESERVED as RESERVED_NAME};
+pub use names::{check_relative_path, validate_model_name, RESERVED as RESERVED_NAME};
 pub use read::FileReader;
 pub use recipe::{Hash, ObjectId, Segment};
+pub use trace::{LoadTrace, TraceRecorder, TRACES_DIR};
 pub use usage::{ModelUsage, Usage};
 pub use verify::{Damage, VerifyReport};
 

@@ -13,12 +13,16 @@ two layers, the rest is byte-identical to base). Setups, each round in a rotatin
             time loading B through the mount
   pinned    fresh `modelfs mount --pin-budget BUDGET`: read A through the mount, wait until
             stats.json pinned_bytes stops growing, drop caches, time loading B
+  unpinned+trace, pinned+trace
+            the same, with B's recorded load trace replayed ahead of the loader. The two
+            setups above run with --prefetch-window 0 (no replay). Before each load method's
+            rounds, B's trace is recorded once by loading B with that method through a mount.
 
 Load methods (each its own cold cell, so B's own reads never warm the other method):
   read      every file of B read fully with read() into a 1 MiB buffer
   st_load   safetensors.torch.load_file(B/model.safetensors)
 
-Median of --rounds (>= 3). Ratios: unpinned seconds / pinned seconds, ext4 seconds / pinned.
+Median of --rounds (>= 3). Ratios: unpinned seconds / this setup's, ext4 seconds / this setup's.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import mountlib  # noqa: E402
 
 MiB = 1 << 20
-SETUPS = ["ext4", "unpinned", "pinned"]
+SETUPS = ["ext4", "unpinned", "pinned", "unpinned+trace", "pinned+trace"]
 METHODS = ["read", "st_load"]
 
 
@@ -119,9 +123,9 @@ class Bench:
         self.size = {"A": sum(p.stat().st_size for p in files_of(self.A)),
                      "B": sum(p.stat().st_size for p in files_of(self.B))}
 
-    def start_mount(self, budget: str) -> mountlib.Mount:
+    def start_mount(self, budget: str, window: str = "0") -> mountlib.Mount:
         assert self.mount is None
-        m = mountlib.Mount(self.mfs, self.mnt, "--pin-budget", budget)
+        m = mountlib.Mount(self.mfs, self.mnt, "--pin-budget", budget, "--prefetch-window", window)
         self.mount = m
         m.start_daemon()
         return m
@@ -146,6 +150,20 @@ class Bench:
             time.sleep(0.2)
         return last, time.monotonic() - t0 - quiet
 
+    def record_trace(self, method: str) -> None:
+        """Forget B's traces and record new ones by loading B with `method` through a mount."""
+        shutil.rmtree(self.store / "traces", ignore_errors=True)
+        m = self.start_mount("0", "0")
+        try:
+            drop_caches()
+            timed(method, m.mountpoint / "B")
+        finally:
+            self.stop_mount()
+        n = sum(1 for p in (self.store / "traces").rglob("*") if p.is_file())
+        log(f"recorded B's load trace with {method}: {n} trace files")
+        if n == 0:
+            raise SystemExit("no trace was recorded")
+
     def cell(self, setup: str, method: str) -> dict:
         out = {"setup": setup, "method": method}
         if setup == "ext4":
@@ -154,11 +172,12 @@ class Bench:
             out["secs"], out["bytes"] = timed(method, self.B)
             out["pinned_bytes"] = 0
             return out
-        budget = "0" if setup == "unpinned" else self.args.pin_budget
-        m = self.start_mount(budget)
+        budget = "0" if setup.startswith("unpinned") else self.args.pin_budget
+        window = self.args.prefetch_window if setup.endswith("+trace") else "0"
+        m = self.start_mount(budget, window)
         try:
             a, b = m.mountpoint / "A", m.mountpoint / "B"
-            if self.args.warm and setup == "pinned":
+            if self.args.warm and setup.startswith("pinned"):
                 self.mfs_run("warm", "A", "--mountpoint", m.mountpoint)
             else:
                 read_all(a)
@@ -168,6 +187,10 @@ class Bench:
             st = m.stats()
             out["pinned_bytes_after"] = int(st.get("pinned_bytes") or 0)
             out["mode"] = st.get("mode")
+            out["trace_replays"] = st.get("trace_replays")
+            by = {x["name"]: x for x in st.get("models", [])}
+            out["B_read"] = {k: by.get("B", {}).get(k) for k in
+                             ("read_resident_bytes", "read_disk_bytes", "prefetched_bytes")}
         finally:
             self.stop_mount()
         return out
@@ -177,14 +200,17 @@ class Bench:
         import safetensors.torch  # noqa: F401  (import torch now, not inside the first timed load)
         self.setup()
         cells = []
-        for r in range(self.args.rounds):
-            order = SETUPS[r % 3:] + SETUPS[:r % 3]
-            for method in METHODS:
+        for method in METHODS:
+            self.record_trace(method)
+            for r in range(self.args.rounds):
+                k = r % len(SETUPS)
+                order = SETUPS[k:] + SETUPS[:k]
                 for s in order:
                     c = self.cell(s, method)
                     c["round"] = r
                     cells.append(c)
-                    log(f"round {r} {method:8s} {s:9s} {c['secs']:.3f} s  pinned {c['pinned_bytes'] / MiB:.0f} MiB")
+                    log(f"round {r} {method:8s} {s:15s} {c['secs']:.3f} s  pinned {c['pinned_bytes'] / MiB:.0f} MiB"
+                        f"  B {c.get('B_read')}")
         summary = []
         for method in METHODS:
             med = {s: statistics.median(c["secs"] for c in cells if c["setup"] == s and c["method"] == method)
@@ -197,9 +223,11 @@ class Bench:
                     "ratio_unpinned_over_this": med["unpinned"] / med[s],
                     "ratio_ext4_over_this": med["ext4"] / med[s],
                     "pinned_bytes_median": statistics.median(c["pinned_bytes"] for c in cs),
+                    "unpinned_trace_over_this": med["unpinned+trace"] / med[s],
                 })
         return {"config": {"base_mib": self.args.base_mib, "rounds": self.args.rounds,
-                           "pin_budget": self.args.pin_budget, "kernel": os.uname().release,
+                           "pin_budget": self.args.pin_budget,
+                           "prefetch_window": self.args.prefetch_window, "kernel": os.uname().release,
                            "cpus": os.cpu_count(), "warm_cmd": self.args.warm},
                 "sizes": self.size, "import_B": self.imp_b.strip(), "cells": cells, "summary": summary,
                 "elapsed_secs": time.time() - t0}
@@ -222,18 +250,22 @@ def report(res: dict) -> str:
              f"{k} {v}" for k, v in json.loads(res["import_B"]).items() if k in ("new_bytes", "logical_bytes")),
          "ratio = other setup's seconds / this setup's seconds (> 1: this setup is faster); goal: pinned >= 1.5 "
          "vs unpinned and vs ext4", "",
-         "| load | setup | B load s (median) | per-round s | unpinned s / this | ext4 s / this | pinned bytes |",
-         "|---|---|---|---|---|---|---|"]
+         "| load | setup | B load s (median) | per-round s | unpinned s / this | unpinned+trace s / this "
+         "| ext4 s / this | pinned bytes |",
+         "|---|---|---|---|---|---|---|---|"]
     for s in res["summary"]:
         L.append(f"| {s['method']} | {s['setup']} | {s['median_secs']:.3f} | "
                  f"{', '.join(f'{x:.3f}' for x in s['all_secs'])} | {s['ratio_unpinned_over_this']:.2f} | "
+                 f"{s['unpinned_trace_over_this']:.2f} | "
                  f"{s['ratio_ext4_over_this']:.2f} | {s['pinned_bytes_median'] / MiB:,.1f} MiB |")
     L.append("")
     for m in METHODS:
-        p = next(s for s in res["summary"] if s["method"] == m and s["setup"] == "pinned")
-        ok = p["ratio_unpinned_over_this"] >= 1.5 and p["ratio_ext4_over_this"] >= 1.5
-        L.append(f"goal ({m}): pinned {p['ratio_unpinned_over_this']:.2f}x vs unpinned, "
-                 f"{p['ratio_ext4_over_this']:.2f}x vs ext4 -> {'met' if ok else 'NOT met'}")
+        for setup in ("pinned", "pinned+trace"):
+            p = next(s for s in res["summary"] if s["method"] == m and s["setup"] == setup)
+            ok = p["ratio_unpinned_over_this"] >= 1.5 and p["ratio_ext4_over_this"] >= 1.5
+            L.append(f"goal ({m}, {setup}): {p['ratio_unpinned_over_this']:.2f}x vs unpinned, "
+                     f"{p['unpinned_trace_over_this']:.2f}x vs unpinned+trace, "
+                     f"{p['ratio_ext4_over_this']:.2f}x vs ext4 -> {'met' if ok else 'NOT met'}")
     L.append(f"elapsed {res['elapsed_secs']:.0f} s")
     return "\n".join(L)
 
@@ -246,6 +278,7 @@ def main() -> int:
                     help="an existing tests/modelfamily.py output directory (skips generation)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pin-budget", default="2GiB")
+    ap.add_argument("--prefetch-window", default="256MiB", help="window of the +trace setups")
     ap.add_argument("--warm", action="store_true", help="pinned setup: `modelfs warm A` instead of reading A")
     ap.add_argument("--modelfs", type=Path, default=REPO / "target/release/modelfs")
     ap.add_argument("--keep", action="store_true")

@@ -1,0 +1,144 @@
+//! Trace replay: read a file's chunks in the order its last load read
+//! them, ahead of the reader.
+//!
+//! Why: a copy-mode read that misses the page cache waits for the store
+//! disk in the middle of a FUSE request, and loaders do not read in file
+//! order (safetensors and torch loaders walk tensors in their own order), so
+//! the kernel's sequential readahead does not help them. The replay issues
+//! large `MADV_WILLNEED` reads in the recorded order, and hashes each chunk
+//! once its bytes are in, so when the request arrives the bytes are
+//! resident and already checked: the request only copies.
+//!
+//! It stays at most `window` bytes ahead of what the reader has consumed,
+//! so a replay of a huge file never floods memory, and it stops when the
+//! last handle of the file is closed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelfs_store::LoadTrace;
+
+use crate::vfs::{OpenContent, VerifiedChunks};
+
+/// Bytes of chunks per read-ahead step: large enough for efficient disk
+/// requests, small enough that hashing a step keeps up with the reader.
+const STEP_BYTES: u64 = 8 << 20;
+/// Steps whose disk reads may be queued ahead of the hashing (64 MiB).
+const IN_FLIGHT: usize = 8;
+
+/// The chunks (segment indices) to bring in, grouped into steps, in trace order.
+fn plan(open: &OpenContent, trace: &LoadTrace) -> Vec<Vec<usize>> {
+    let segments = &open.content.segments;
+    let mut planned = vec![false; segments.len()];
+    let mut steps: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_bytes = 0u64;
+    for &(offset, len) in &trace.ranges {
+        let end = offset.saturating_add(len);
+        let mut i = match open.starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        };
+        while i < segments.len() && open.starts[i] < end {
+            if !planned[i] {
+                planned[i] = true;
+                current.push(i);
+                current_bytes += u64::from(segments[i].len);
+                if current_bytes >= STEP_BYTES {
+                    steps.push(std::mem::take(&mut current));
+                    current_bytes = 0;
+                }
+            }
+            i += 1;
+        }
+    }
+    if !current.is_empty() {
+        steps.push(current);
+    }
+    steps
+}
+
+/// Ask the kernel to read a step's chunks; returns the bytes that were not
+/// resident (what this prefetch brings in).
+fn issue(open: &OpenContent, step: &[usize]) -> u64 {
+    let mut missing = 0;
+    for &i in step {
+        let s = &open.content.segments[i];
+        let obj = &open.objects[&s.object];
+        let len = u64::from(s.len);
+        let resident = obj.resident_bytes(s.object_offset, len);
+        if resident < len {
+            missing += len - resident;
+            obj.will_need(s.object_offset, len);
+        }
+    }
+    missing
+}
+
+pub(crate) fn spawn_replay(
+    open: Arc<OpenContent>,
+    trace: LoadTrace,
+    window: u64,
+    verified: Arc<VerifiedChunks>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("trace-replay".into())
+        .spawn(move || {
+            replay(&open, &trace, window, &verified);
+            open.state.end_replay();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a trace replay: {e}");
+    }
+}
+
+fn replay(open: &OpenContent, trace: &LoadTrace, window: u64, verified: &VerifiedChunks) {
+    let counters = &open.state.counters;
+    let consumed_at_start = counters.read_bytes.load(Ordering::Relaxed);
+    let consumed = || counters.read_bytes.load(Ordering::Relaxed) - consumed_at_start;
+    let steps = plan(open, trace);
+    let step_bytes = |step: &[usize]| -> u64 {
+        step.iter()
+            .map(|&i| u64::from(open.content.segments[i].len))
+            .sum()
+    };
+    let mut issued_steps = 0;
+    let mut issued_bytes = 0u64;
+    let mut checked_bytes = 0u64;
+    for (n, step) in steps.iter().enumerate() {
+        // Keep up to IN_FLIGHT steps of disk reads queued ahead of the hashing
+        // (a deep queue is what makes the disk fast), within the window.
+        while issued_steps < steps.len()
+            && (issued_steps == n
+                || (issued_steps < n + IN_FLIGHT
+                    && issued_bytes <= consumed().saturating_add(window)))
+        {
+            let fetched = issue(open, &steps[issued_steps]);
+            counters
+                .prefetched_bytes
+                .fetch_add(fetched, Ordering::Relaxed);
+            issued_bytes += step_bytes(&steps[issued_steps]);
+            issued_steps += 1;
+        }
+        // Hash this step once its reads are in, unless that would run past
+        // the window; give up when the reader is gone.
+        loop {
+            if !open.still_open() {
+                return;
+            }
+            if checked_bytes <= consumed().saturating_add(window) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for &i in step {
+            // A chunk that fails is left unchecked: the reader's own check
+            // reports it (EIO, logged with the file and offset).
+            if !open.segment_checked(i) {
+                open.check_segment(i, verified);
+            }
+        }
+        checked_bytes += step_bytes(step);
+    }
+}
