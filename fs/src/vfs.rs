@@ -763,7 +763,15 @@ impl Vfs {
             if !open.check_segment(i, &self.verified_chunks) {
                 return Err(self.damaged(open, i, "chunk does not match its hash"));
             }
-            let refs = open.refs.get(i).copied().unwrap_or(1);
+            // Worth more the more models hold the chunk and the more
+            // handles have its file open now.
+            let open_handles = open.state.opens.load(Ordering::Relaxed).max(1);
+            let refs = open
+                .refs
+                .get(i)
+                .copied()
+                .unwrap_or(1)
+                .saturating_add(open_handles - 1);
             self.pinner
                 .access(obj, s.object, s.object_offset, u64::from(s.len), refs);
             // Consecutive chunks stored back to back in one object (the
