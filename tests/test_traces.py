@@ -232,3 +232,48 @@ def test_stats_per_model(store, tmp_path):
         m.cleanup()
     r = mfs.run("stats", mp, ok=None)
     assert r.returncode == 3, r.describe()
+
+
+def test_replay_stays_within_the_window_and_stops_with_the_reader(store, tmp_path):
+    mfs = store
+    f = weights(mfs, "ft-head")
+    size = f["size"]
+    assert size >= 24 * MiB, "the family's base should be >= 24 MiB for this test"
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    path = mp / "ft-head" / "model.safetensors"
+    m = Mount(mfs, mp, "--pin-budget", "0")
+    m.start_daemon()
+    try:
+        path.read_bytes()  # records a trace covering the whole file
+    finally:
+        m.cleanup()
+    assert trace_file(mfs.store, f["hash"]).exists()
+
+    drop_caches()
+    m = Mount(mfs, mp, "--pin-budget", "0", "--prefetch-window", "1MiB")
+    m.start_daemon()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            os.pread(fd, PAGE, 0)
+            assert wait_until(lambda: m.stats()["prefetched_bytes"] > 0, 5), m.stats()
+            time.sleep(0.5)
+            # window (1 MiB) + one 8 MiB step, + a chunk of slack at its edge
+            first = m.stats()["prefetched_bytes"]
+            assert first <= 10 * MiB, first
+            for off in range(0, 12 * MiB, MiB):
+                os.pread(fd, MiB, off)
+            assert wait_until(lambda: m.stats()["prefetched_bytes"] > first, 5), (
+                "the replay should advance as the reader consumes", first, m.stats())
+            assert m.stats()["trace_replays_running"] == 1
+        finally:
+            os.close(fd)
+        # Reader gone: the replay stops without reading the rest of the file.
+        assert wait_until(lambda: m.stats()["trace_replays_running"] == 0, 5), m.stats()
+        s = m.stats()
+        # consumed 12 MiB + window 1 MiB + one 8 MiB step + slack, of a larger file
+        assert s["prefetched_bytes"] <= 22 * MiB < size, s
+    finally:
+        m.cleanup()

@@ -9,9 +9,9 @@
 //! once its bytes are in, so when the request arrives the bytes are
 //! resident and already checked: the request only copies.
 //!
-//! It stays at most `window` bytes ahead of what the reader has consumed,
-//! so a replay of a huge file never floods memory, and it stops when the
-//! last handle of the file is closed.
+//! It stays at most `window` bytes (plus one 8 MiB step) ahead of what the
+//! reader has consumed, so a replay of a huge file never floods memory, and
+//! it stops when the last handle of the file is closed.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,22 +107,9 @@ fn replay(open: &OpenContent, trace: &LoadTrace, window: u64, verified: &Verifie
     let mut issued_bytes = 0u64;
     let mut checked_bytes = 0u64;
     for (n, step) in steps.iter().enumerate() {
-        // Keep up to IN_FLIGHT steps of disk reads queued ahead of the hashing
-        // (a deep queue is what makes the disk fast), within the window.
-        while issued_steps < steps.len()
-            && (issued_steps == n
-                || (issued_steps < n + IN_FLIGHT
-                    && issued_bytes <= consumed().saturating_add(window)))
-        {
-            let fetched = issue(open, &steps[issued_steps]);
-            counters
-                .prefetched_bytes
-                .fetch_add(fetched, Ordering::Relaxed);
-            issued_bytes += step_bytes(&steps[issued_steps]);
-            issued_steps += 1;
-        }
-        // Hash this step once its reads are in, unless that would run past
-        // the window; give up when the reader is gone.
+        // Go on only while what is done stays within the window of what the
+        // reader consumed (so at most one step past it is ever in flight);
+        // give up when the reader is gone.
         loop {
             if !open.still_open() {
                 return;
@@ -132,6 +119,22 @@ fn replay(open: &OpenContent, trace: &LoadTrace, window: u64, verified: &Verifie
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Queue this step's disk reads, and up to IN_FLIGHT steps more while
+        // within the window: a deep queue is what makes the disk fast.
+        while issued_steps < steps.len()
+            && (issued_steps == n
+                || (issued_steps < n + IN_FLIGHT
+                    && issued_bytes + step_bytes(&steps[issued_steps])
+                        <= consumed().saturating_add(window)))
+        {
+            let fetched = issue(open, &steps[issued_steps]);
+            counters
+                .prefetched_bytes
+                .fetch_add(fetched, Ordering::Relaxed);
+            issued_bytes += step_bytes(&steps[issued_steps]);
+            issued_steps += 1;
+        }
+        // Hash this step once its reads are in.
         for &i in step {
             // A chunk that fails is left unchecked: the reader's own check
             // reports it (EIO, logged with the file and offset).
