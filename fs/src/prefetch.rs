@@ -137,10 +137,9 @@ fn replay(open: &OpenContent, trace: &LoadTrace, window: u64, verified: &Verifie
         // Hash this step once its reads are in.
         for &i in step {
             // A chunk that fails is left unchecked: the reader's own check
-            // reports it (EIO, logged with the file and offset).
-            if !open.segment_checked(i) {
-                open.check_segment(i, verified);
-            }
+            // reports it (EIO, logged with the file and offset). A chunk the
+            // reader is hashing already is skipped, not waited for.
+            open.try_check_segment(i, verified);
         }
         checked_bytes += step_bytes(step);
     }

@@ -248,15 +248,43 @@ impl OpenContent {
     /// not. False: the bytes do not match the hash.
     pub(crate) fn check_segment(&self, i: usize, checked: &VerifiedChunks) -> bool {
         let state = &self.state.checks[i];
+        let mut waited = 0u32;
         loop {
             match state.compare_exchange(UNCHECKED, CHECKING, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(CHECKED) => return true,
                 // Another thread (usually the trace replay) is hashing it:
-                // its answer arrives within a chunk's hash time.
-                Err(_) => std::thread::yield_now(),
+                // its answer arrives within a chunk's hash time, or its
+                // disk read. Sleep rather than spin: two vCPUs are shared
+                // with the thread doing the work.
+                Err(_) => {
+                    waited += 1;
+                    if waited < 16 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    }
+                }
             }
         }
+        self.finish_check(i, checked)
+    }
+
+    /// Check segment `i` unless it is checked or being checked already;
+    /// never waits for another thread (the replay uses this, so it never
+    /// trails behind a reader that overtook it).
+    pub(crate) fn try_check_segment(&self, i: usize, checked: &VerifiedChunks) {
+        let claimed = self.state.checks[i]
+            .compare_exchange(UNCHECKED, CHECKING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if claimed {
+            self.finish_check(i, checked);
+        }
+    }
+
+    /// Hash segment `i`, which the caller has claimed (CHECKING), and publish the result.
+    fn finish_check(&self, i: usize, checked: &VerifiedChunks) -> bool {
+        let state = &self.state.checks[i];
         let s = &self.content.segments[i];
         let good = checked.contains(s.object, s.object_offset) || {
             let obj = &self.objects[&s.object];
@@ -272,11 +300,6 @@ impl OpenContent {
         // A bad chunk goes back to unchecked, so every read of it fails.
         state.store(if good { CHECKED } else { UNCHECKED }, Ordering::Release);
         good
-    }
-
-    /// Segment `i` is checked already (no hashing needed to serve it).
-    pub(crate) fn segment_checked(&self, i: usize) -> bool {
-        self.state.checks[i].load(Ordering::Acquire) == CHECKED
     }
 
     pub(crate) fn still_open(&self) -> bool {
