@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, Rust unit and integration tests,
-# and the Python suite that drives the real binary with files written by the
-# real libraries (safetensors, torch, gguf, onnx), and real FUSE mounts read
-# by unmodified loaders (onnxruntime, TensorFlow, ...). Installs what it needs.
+# a short fuzz run of every cargo-fuzz target (scripts/fuzz.sh), and the
+# Python suite that drives the real binary with files written by the real
+# libraries (safetensors, torch, gguf, onnx), and real FUSE mounts read by
+# unmodified loaders (onnxruntime, TensorFlow, ...). Installs what it needs.
 source "$(dirname "$0")/common.sh"
 ensure_rust
 ensure_fuse
@@ -19,5 +20,7 @@ say "cargo build"
 cargo build --workspace --quiet
 say "cargo test"
 cargo test --workspace --quiet
+say "fuzz (short run)"
+"$REPO/scripts/fuzz.sh"
 say "pytest tests/"
 MODELFS_BIN="$REPO/target/debug/modelfs" "$PY" -m pytest "$REPO/tests" -q -p no:cacheprovider "$@"

@@ -27,6 +27,11 @@ pub fn validate_model_name(name: &str) -> Result<()> {
 }
 
 /// Check a path of a file inside a model (relative, `/`-separated).
+///
+/// Public (re-exported at the crate root) only so that the fuzz target
+/// `fuzz/fuzz_targets/names.rs` can check that no path it accepts can leave
+/// a model's directory; within the workspace only this crate calls it (the
+/// importer and [`validate_model_name`]).
 pub fn check_relative_path(path: &str) -> std::result::Result<(), String> {
     if path.is_empty() {
         return Err("it is empty".into());

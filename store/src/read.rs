@@ -20,7 +20,8 @@ pub struct FileReader {
     content: ContentInfo,
     /// File offset at which each segment starts.
     starts: Vec<u64>,
-    objects: HashMap<ObjectId, (File, PathBuf)>,
+    /// Each object the recipe uses, with its path and its length when opened.
+    objects: HashMap<ObjectId, (File, PathBuf, u64)>,
 }
 
 impl FileReader {
@@ -43,7 +44,11 @@ impl FileReader {
             })?;
             // Tell gc we use this object, so it does not punch holes in it.
             locks::share_object(&file).at(&path)?;
-            objects.insert(s.object, (file, path));
+            // Objects do not shrink (gc punches holes, it does not
+            // truncate), so this length bounds every later read; one damaged
+            // by truncation afterwards still fails the read cleanly (EOF).
+            let len = file.metadata().at(&path)?.len();
+            objects.insert(s.object, (file, path, len));
         }
         let mut starts = Vec::with_capacity(content.segments.len());
         let mut pos = 0u64;
@@ -75,17 +80,30 @@ impl FileReader {
     /// Read segment `i` into `buf` (resized to fit) and check its hash.
     pub fn read_segment(&self, i: usize, buf: &mut Vec<u8>) -> Result<()> {
         let s = &self.content.segments[i];
-        let (file, path) = &self.objects[&s.object];
+        let (file, path, object_len) = &self.objects[&s.object];
+        let end = s.object_offset.checked_add(u64::from(s.len));
+        let truncated = || {
+            Error::Corrupt(format!(
+                "object {} is truncated (chunk at file offset {} needs bytes {}..{})",
+                path.display(),
+                self.starts[i],
+                s.object_offset,
+                end.map_or_else(|| "past 2^64".to_string(), |end| end.to_string())
+            ))
+        };
+        // A record must lie inside its object (store-format §7, invariant 2).
+        // Check that before sizing the buffer: a damaged or hostile recipe
+        // record claiming a chunk of up to 4 GiB in a small object would
+        // otherwise make every reader (one per thread in `verify`) allocate
+        // and zero that much before the read fails. Found by the store_read
+        // fuzz target.
+        if end.is_none_or(|end| end > *object_len) {
+            return Err(truncated());
+        }
         buf.resize(s.len as usize, 0);
         file.read_exact_at(buf, s.object_offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                Error::Corrupt(format!(
-                    "object {} is truncated (chunk at file offset {} needs bytes {}..{})",
-                    path.display(),
-                    self.starts[i],
-                    s.object_offset,
-                    s.object_offset + u64::from(s.len)
-                ))
+                truncated()
             } else {
                 Error::Io {
                     path: path.clone(),
