@@ -5,9 +5,14 @@
 //! disk in the middle of a FUSE request, and loaders do not read in file
 //! order (safetensors and torch loaders walk tensors in their own order), so
 //! the kernel's sequential readahead does not help them. The replay issues
-//! large `MADV_WILLNEED` reads in the recorded order, and hashes each chunk
-//! once its bytes are in, so when the request arrives the bytes are
-//! resident and already checked: the request only copies.
+//! large `MADV_WILLNEED` reads in the recorded order, so when the request
+//! arrives its bytes are resident, or on their way.
+//!
+//! It only reads; hashing stays with the requests. A first version also
+//! hashed each chunk ahead of the reader: on a fully cold file that funnelled
+//! all hashing through this one thread while the FUSE workers waited for it,
+//! and cold copy-mode reads in a fresh mount fell to half their speed
+//! (scripts/bench-mount.sh).
 //!
 //! It stays at most `window` bytes (plus one 8 MiB step) ahead of what the
 //! reader has consumed, so a replay of a huge file never floods memory, and
@@ -19,13 +24,11 @@ use std::time::Duration;
 
 use modelfs_store::LoadTrace;
 
-use crate::vfs::{OpenContent, VerifiedChunks};
+use crate::vfs::OpenContent;
 
 /// Bytes of chunks per read-ahead step: large enough for efficient disk
 /// requests, small enough that hashing a step keeps up with the reader.
 const STEP_BYTES: u64 = 8 << 20;
-/// Steps whose disk reads may be queued ahead of the hashing (64 MiB).
-const IN_FLIGHT: usize = 8;
 
 /// The chunks (segment indices) to bring in, grouped into steps, in trace order.
 fn plan(open: &OpenContent, trace: &LoadTrace) -> Vec<Vec<usize>> {
@@ -76,16 +79,11 @@ fn issue(open: &OpenContent, step: &[usize]) -> u64 {
     missing
 }
 
-pub(crate) fn spawn_replay(
-    open: Arc<OpenContent>,
-    trace: LoadTrace,
-    window: u64,
-    verified: Arc<VerifiedChunks>,
-) {
+pub(crate) fn spawn_replay(open: Arc<OpenContent>, trace: LoadTrace, window: u64) {
     let spawned = std::thread::Builder::new()
         .name("trace-replay".into())
         .spawn(move || {
-            replay(&open, &trace, window, &verified);
+            replay(&open, &trace, window);
             open.state.end_replay();
         });
     if let Err(e) = spawned {
@@ -93,54 +91,30 @@ pub(crate) fn spawn_replay(
     }
 }
 
-fn replay(open: &OpenContent, trace: &LoadTrace, window: u64, verified: &VerifiedChunks) {
+fn replay(open: &OpenContent, trace: &LoadTrace, window: u64) {
     let counters = &open.state.counters;
     let consumed_at_start = counters.read_bytes.load(Ordering::Relaxed);
     let consumed = || counters.read_bytes.load(Ordering::Relaxed) - consumed_at_start;
-    let steps = plan(open, trace);
-    let step_bytes = |step: &[usize]| -> u64 {
-        step.iter()
-            .map(|&i| u64::from(open.content.segments[i].len))
-            .sum()
-    };
-    let mut issued_steps = 0;
-    let mut issued_bytes = 0u64;
-    let mut checked_bytes = 0u64;
-    for (n, step) in steps.iter().enumerate() {
-        // Go on only while what is done stays within the window of what the
-        // reader consumed (so at most one step past it is ever in flight);
-        // give up when the reader is gone.
+    let mut issued = 0u64;
+    for step in plan(open, trace) {
+        // Stay within the window of what the reader consumed (the first
+        // step always goes); give up when the reader is gone.
         loop {
             if !open.still_open() {
                 return;
             }
-            if checked_bytes <= consumed().saturating_add(window) {
+            if issued == 0 || issued <= consumed().saturating_add(window) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        // Queue this step's disk reads, and up to IN_FLIGHT steps more while
-        // within the window: a deep queue is what makes the disk fast.
-        while issued_steps < steps.len()
-            && (issued_steps == n
-                || (issued_steps < n + IN_FLIGHT
-                    && issued_bytes + step_bytes(&steps[issued_steps])
-                        <= consumed().saturating_add(window)))
-        {
-            let fetched = issue(open, &steps[issued_steps]);
-            counters
-                .prefetched_bytes
-                .fetch_add(fetched, Ordering::Relaxed);
-            issued_bytes += step_bytes(&steps[issued_steps]);
-            issued_steps += 1;
-        }
-        // Hash this step once its reads are in.
-        for &i in step {
-            // A chunk that fails is left unchecked: the reader's own check
-            // reports it (EIO, logged with the file and offset). A chunk the
-            // reader is hashing already is skipped, not waited for.
-            open.try_check_segment(i, verified);
-        }
-        checked_bytes += step_bytes(step);
+        let fetched = issue(open, &step);
+        counters
+            .prefetched_bytes
+            .fetch_add(fetched, Ordering::Relaxed);
+        issued += step
+            .iter()
+            .map(|&i| u64::from(open.content.segments[i].len))
+            .sum::<u64>();
     }
 }

@@ -183,8 +183,8 @@ pub struct ContentCounters {
 /// chunks are checked, its counters, and its load trace.
 pub struct ContentState {
     /// Per segment: [`UNCHECKED`], [`CHECKING`] (a thread is hashing it) or
-    /// [`CHECKED`] since the mount started. The middle state lets a reader
-    /// wait for the replay's hash of a chunk instead of hashing it again.
+    /// [`CHECKED`] since the mount started. The middle state lets a request
+    /// wait for another worker's hash of a chunk instead of hashing it again.
     checks: Vec<AtomicU8>,
     pub counters: ContentCounters,
     /// Copy-mode handles open now; a trace is saved when it drops to 0.
@@ -253,10 +253,10 @@ impl OpenContent {
             match state.compare_exchange(UNCHECKED, CHECKING, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(CHECKED) => return true,
-                // Another thread (usually the trace replay) is hashing it:
-                // its answer arrives within a chunk's hash time, or its
-                // disk read. Sleep rather than spin: two vCPUs are shared
-                // with the thread doing the work.
+                // Another worker is hashing it (two requests can share a
+                // chunk): its answer arrives within a chunk's hash time, or
+                // its disk read. Sleep rather than spin: two vCPUs are
+                // shared with the thread doing the work.
                 Err(_) => {
                     waited += 1;
                     if waited < 16 {
@@ -268,18 +268,6 @@ impl OpenContent {
             }
         }
         self.finish_check(i, checked)
-    }
-
-    /// Check segment `i` unless it is checked or being checked already;
-    /// never waits for another thread (the replay uses this, so it never
-    /// trails behind a reader that overtook it).
-    pub(crate) fn try_check_segment(&self, i: usize, checked: &VerifiedChunks) {
-        let claimed = self.state.checks[i]
-            .compare_exchange(UNCHECKED, CHECKING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if claimed {
-            self.finish_check(i, checked);
-        }
     }
 
     /// Hash segment `i`, which the caller has claimed (CHECKING), and publish the result.
@@ -740,12 +728,7 @@ impl Vfs {
             return;
         };
         self.stats.trace_replays.fetch_add(1, Ordering::Relaxed);
-        crate::prefetch::spawn_replay(
-            open.clone(),
-            trace,
-            self.prefetch_window,
-            self.verified_chunks.clone(),
-        );
+        crate::prefetch::spawn_replay(open.clone(), trace, self.prefetch_window);
     }
 
     /// Copy-mode read: each chunk is checked against its hash the first
