@@ -511,6 +511,27 @@ def fresh_workdir(workdir: Path) -> None:
     (workdir / "mnt").mkdir(parents=True)
 
 
+def run_bench(bench, args, report) -> int:
+    """Run a benchmark object (`run()`, `cleanup()`) in `args.workdir`, print
+    `report(result)` (and the JSON with `args.json`), and remove the work
+    directory unless `args.keep` or something is still mounted below it."""
+    args.workdir = Path(args.workdir).resolve()
+    fresh_workdir(args.workdir)
+    b = bench(args)
+    try:
+        res = b.run()
+    finally:
+        b.cleanup()
+        if not args.keep and not any(m[1].startswith(str(args.workdir)) for m in proc_mounts()):
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    print(report(res))
+    if args.json:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def _mount_factory(tmp_path):
     """mount_factory(mfs, *args, start=True, mountpoint=None, prefix=None) -> Mount (cleaned up
     after the test). A test module uses it with `from mountlib import mount_factory`."""

@@ -331,7 +331,7 @@ pub struct Vfs {
     started: Instant,
     objects: Mutex<HashMap<ObjectId, Weak<MappedObject>>>,
     contents: Mutex<HashMap<i64, Arc<ContentState>>>,
-    verified_chunks: Arc<VerifiedChunks>,
+    verified_chunks: VerifiedChunks,
     /// How far a trace replay may run ahead of the reader (0: no replay).
     prefetch_window: u64,
     /// Result of checking a whole-file object once per mount: true = intact.
@@ -367,7 +367,7 @@ impl Vfs {
             started: Instant::now(),
             objects: Mutex::new(HashMap::new()),
             contents: Mutex::new(HashMap::new()),
-            verified_chunks: Arc::new(VerifiedChunks::default()),
+            verified_chunks: VerifiedChunks::default(),
             prefetch_window,
             whole_checked: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(passthrough),

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -1114,20 +1113,7 @@ def main() -> int:
         return 2
     if args.workdir is None:
         args.workdir = Path("/var/tmp/modelfs-mount-bench")
-    args.workdir = args.workdir.resolve()
-    mountlib.fresh_workdir(args.workdir)
-
-    bench = Bench(args)
-    try:
-        res = bench.run()
-    finally:
-        bench.cleanup()
-        if not args.keep and not any(m[1].startswith(str(args.workdir)) for m in mountlib.proc_mounts()):
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    print(report(res))
-    if args.json:
-        print(json.dumps(res, indent=2, default=str))
-    return 0
+    return mountlib.run_bench(Bench, args, report)
 
 
 if __name__ == "__main__":

@@ -289,19 +289,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("pin_bench needs root (drop_caches, mount)", file=sys.stderr)
         return 2
-    args.workdir = args.workdir.resolve()
-    mountlib.fresh_workdir(args.workdir)
-    bench = Bench(args)
-    try:
-        res = bench.run()
-    finally:
-        bench.cleanup()
-        if not args.keep and not any(m[1].startswith(str(args.workdir)) for m in mountlib.proc_mounts()):
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    print(report(res))
-    if args.json:
-        print(json.dumps(res, indent=2, default=str))
-    return 0
+    return mountlib.run_bench(Bench, args, report)
 
 
 if __name__ == "__main__":
