@@ -1,8 +1,9 @@
-"""A small pure-Python BLAKE3 (default hash mode, 32-byte output).
+"""A small pure-Python BLAKE3 (hash and derive_key modes, 32-byte output).
 
 Only used by the test-suite to check the `hash` field printed by
-`modelfs ls NAME --json` against an independent implementation, so it favours
-clarity over speed (a few hundred KiB/s): call it on small files only.
+`modelfs ls NAME --json` (the content key of docs/store-format.md §3) against
+an independent implementation, so it favours clarity over speed (a few
+hundred KiB/s): call it on small files only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _IV = (
 )
 _PERM = (2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8)
 _CHUNK_START, _CHUNK_END, _PARENT, _ROOT = 1, 2, 4, 8
+_DERIVE_KEY_CONTEXT, _DERIVE_KEY_MATERIAL = 32, 64
 _CHUNK_LEN = 1024
 _BLOCK_LEN = 64
 _M = 0xFFFFFFFF
@@ -55,12 +57,12 @@ def _compress(cv, block: bytes, counter: int, block_len: int, flags: int):
     return s
 
 
-def _chunk_output(chunk: bytes, counter: int):
+def _chunk_output(chunk: bytes, counter: int, key, mode: int):
     """Return (cv, block, counter, block_len, flags) of the chunk's last block."""
-    cv = _IV
+    cv = key
     blocks = [chunk[i:i + _BLOCK_LEN] for i in range(0, len(chunk), _BLOCK_LEN)] or [b""]
     for i, blk in enumerate(blocks):
-        flags = _CHUNK_START if i == 0 else 0
+        flags = mode | (_CHUNK_START if i == 0 else 0)
         if i == len(blocks) - 1:
             return (cv, blk.ljust(_BLOCK_LEN, b"\0"), counter, len(blk), flags | _CHUNK_END)
         cv = tuple(_compress(cv, blk, counter, _BLOCK_LEN, flags)[:8])
@@ -72,22 +74,35 @@ def _cv(out):
     return tuple(_compress(cv, block, counter, block_len, flags)[:8])
 
 
-def _subtree(data: bytes, first_chunk: int):
+def _subtree(data: bytes, first_chunk: int, key=_IV, mode: int = 0):
     n_chunks = max(1, (len(data) + _CHUNK_LEN - 1) // _CHUNK_LEN)
     if n_chunks == 1:
-        return _chunk_output(data, first_chunk)
+        return _chunk_output(data, first_chunk, key, mode)
     left_chunks = 1 << ((n_chunks - 1).bit_length() - 1)
     split = left_chunks * _CHUNK_LEN
-    left = _cv(_subtree(data[:split], first_chunk))
-    right = _cv(_subtree(data[split:], first_chunk + left_chunks))
+    left = _cv(_subtree(data[:split], first_chunk, key, mode))
+    right = _cv(_subtree(data[split:], first_chunk + left_chunks, key, mode))
     block = struct.pack("<16I", *(left + right))
-    return (_IV, block, 0, _BLOCK_LEN, _PARENT)
+    return (key, block, 0, _BLOCK_LEN, _PARENT | mode)
+
+
+def _root_words(data: bytes, key=_IV, mode: int = 0):
+    cv, block, counter, block_len, flags = _subtree(bytes(data), 0, key, mode)
+    return _compress(cv, block, counter, block_len, flags | _ROOT)[:8]
+
+
+def blake3_digest(data: bytes) -> bytes:
+    return struct.pack("<8I", *_root_words(data))
 
 
 def blake3_hex(data: bytes) -> str:
-    cv, block, counter, block_len, flags = _subtree(bytes(data), 0)
-    words = _compress(cv, block, counter, block_len, flags | _ROOT)[:8]
-    return struct.pack("<8I", *words).hex()
+    return blake3_digest(data).hex()
+
+
+def derive_key_hex(context: str, material: bytes) -> str:
+    """BLAKE3 in key-derivation mode: the context string keys the hash of the material."""
+    context_key = tuple(_root_words(context.encode(), _IV, _DERIVE_KEY_CONTEXT))
+    return struct.pack("<8I", *_root_words(material, context_key, _DERIVE_KEY_MATERIAL)).hex()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import modelfamily
-from blake3_ref import blake3_hex
+from blake3_ref import blake3_hex, derive_key_hex
 
 
 def _st_header(path: Path):
@@ -37,6 +37,17 @@ def test_blake3_reference_vectors():
     data = bytes(i % 251 for i in range(3073))
     # value computed with the Rust blake3 1.8.7 crate: blake3::hash(&data)
     assert blake3_hex(data) == "7124b49501012f81cc7f11ca069ec9226cecb8a2c850cfe644e327d22d3e1cd3"
+
+
+def test_blake3_reference_derive_key_mode():
+    # the content key (store-format §3) uses derive_key mode; compare with the
+    # Rust implementation behind the `blake3` package
+    import blake3  # noqa: PLC0415  (from requirements.txt)
+
+    ctx = "modelfs 2026-11 content key v1"
+    for n in (0, 36, 1024, 1025, 3 * 36 + 7, 5000):
+        data = bytes(i % 251 for i in range(n))
+        assert derive_key_hex(ctx, data) == blake3.blake3(data, derive_key_context=ctx).hexdigest(), n
 
 
 def test_family_files_and_sizes(family):

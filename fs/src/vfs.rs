@@ -537,9 +537,7 @@ impl Vfs {
                 return false;
             }
             Some(Ok(obj)) if obj.map.len() as u64 == content.size => {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update_rayon(&obj.map);
-                hasher.finalize().as_bytes() == &content.hash.0
+                modelfs_store::whole_object_matches(content, &obj.map)
             }
             Some(Ok(obj)) => {
                 error!(object = %path.display(), file = label, size = obj.map.len(), "whole-file object has the wrong size");

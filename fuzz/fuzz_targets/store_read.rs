@@ -17,15 +17,17 @@
 //!   hash), and returns exactly `min(len, size - offset)` of them; a read
 //!   touching only chunks at their true locations succeeds;
 //! * `copy_to` and `verify` agree, succeed only with every chunk intact and
-//!   the whole-file hash right, and do succeed when that is so; `copy_to`
+//!   the content key right (store-format §3: the key over the recipe's chunk
+//!   list, or the key derived from the bytes), and do succeed when that is
+//!   so; `copy_to`
 //!   then writes exactly the file.
 //!
 //! Input (missing bytes read as 0):
 //! * byte 0, flags: 0x01 the recipe is raw bytes (u16 length, then that
 //!   many bytes; need not be whole records); 0x02 the size is an explicit
 //!   i64 (else the sum of the record lengths); 0x04 the hash is explicit
-//!   (1 byte length mod 48, then the bytes; else blake3 of what the recipe
-//!   should reassemble to);
+//!   (1 byte length mod 48, then the bytes; else the content key of the
+//!   recipe's chunk list);
 //! * unless raw: a segment count (mod 32), then per segment a selector byte
 //!   s: stored chunk `s & 0x0f` gives hash, object, offset and length, then
 //!   0x10 object = next byte, 0x20 offset = next u64, 0x40 length = next u32,
@@ -38,8 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use modelfs_store::recipe::{self, Hash, Segment, SEGMENT_BYTES};
-use modelfs_store::{ImportOptions, NoProgress, Store};
+use modelfs_store::recipe::{self, content_key, Hash, Segment, SEGMENT_BYTES};
+use modelfs_store::{canonical_key_of_bytes, ImportOptions, NoProgress, Store};
 use rusqlite::{params, Connection};
 
 /// One chunk as the import stored it, with its bytes.
@@ -329,10 +331,10 @@ impl Fixture {
             let len = usize::from(input.u8() % 48);
             input.take(len).to_vec()
         } else {
-            segments
-                .as_deref()
-                .and_then(|s| self.expected_file(s))
-                .map_or_else(|| vec![0; 32], |file| Hash::of(&file).0.to_vec())
+            segments.as_deref().map_or_else(
+                || vec![0; 32],
+                |s| content_key(s.iter().map(|s| (s.hash, s.len))).0.to_vec(),
+            )
         };
         let mut reads = Vec::new();
         while !input.0.is_empty() && reads.len() < 8 {
@@ -466,9 +468,10 @@ impl Fixture {
             "copy_to and verify disagree"
         );
         let file = self.expected_file(&segments);
-        let hash_right = file
-            .as_ref()
-            .is_some_and(|file| Hash::of(file).0[..] == row.hash[..]);
+        let listed = content_key(segments.iter().map(|s| (s.hash, s.len)));
+        let hash_right = file.as_ref().is_some_and(|file| {
+            listed.0[..] == row.hash[..] || canonical_key_of_bytes(file).0[..] == row.hash[..]
+        });
         match copied {
             Ok(n) => {
                 assert_eq!(n, size);

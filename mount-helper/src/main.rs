@@ -101,6 +101,18 @@ Symlinks are followed only inside the imported tree (and into a Hugging Face rep
         #[arg(long)]
         json: bool,
     },
+    /// Convert a store written by an older modelfs to this version's format
+    ///
+    /// Schema 1 stores (modelfs before 2026-11-23) keyed files by the BLAKE3
+    /// of the whole file; now they are keyed by the content key (BLAKE3 over
+    /// the chunk list, docs/store-format.md §3). Reads every stored byte once,
+    /// checking each chunk, then rewrites the keys in one transaction: an
+    /// interrupted upgrade leaves the store as it was. Restart mounts after it.
+    Upgrade {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a stored file to stdout, reassembled and checked against its hash
     Cat {
         /// MODEL/PATH, e.g. org/llama-3-8b/config.json
@@ -380,6 +392,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !r.is_clean() {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Upgrade { json } => {
+            let r = Store::upgrade(&dir, || {
+                eprintln!("waiting for another import, rm or gc to finish...")
+            })?;
+            if json {
+                output::json(&r)?;
+            } else if r.from_version == r.to_version {
+                println!(
+                    "store {} is already at schema version {}",
+                    dir.display(),
+                    r.to_version
+                );
+            } else {
+                println!(
+                    "upgraded store {} from schema {} to {}: {} contents re-keyed ({} read), {} load traces renamed",
+                    dir.display(),
+                    r.from_version,
+                    r.to_version,
+                    r.contents,
+                    HumanBytes(r.bytes_read),
+                    r.traces_renamed
+                );
             }
         }
         Command::Cat { file } => {
@@ -874,7 +910,7 @@ fn import(
         output::json(&summary)?;
     } else {
         println!(
-            "imported {}: {} files, {}, {} new stored ({} whole, {} recipe, {} identical to stored files), {:.2} s",
+            "imported {}: {} files, {}, {} new stored ({} whole, {} recipe, {} identical to stored files; {} recognised in memory), {:.2} s",
             summary.name,
             summary.files,
             HumanBytes(summary.logical_bytes),
@@ -882,6 +918,7 @@ fn import(
             summary.whole_files,
             summary.recipe_files,
             summary.identical_files,
+            HumanBytes(summary.recognised_bytes),
             summary.seconds
         );
     }

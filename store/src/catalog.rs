@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 use crate::recipe::{self, Hash, ObjectId, Segment};
 
 /// Version of the catalog schema written to `meta.schema_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// 2: `contents.hash` is the content key (BLAKE3 over the chunk list,
+/// store-format §3); in 1 it was the BLAKE3 of the whole file.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -40,8 +42,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     hash   BLOB PRIMARY KEY,
     object INTEGER NOT NULL,
     offset INTEGER NOT NULL,
-    length INTEGER NOT NULL
+    length INTEGER NOT NULL,
+    fast   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_fast ON chunks(fast);
 CREATE TABLE IF NOT EXISTS models (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     name          TEXT NOT NULL UNIQUE,
@@ -120,11 +124,38 @@ impl Catalog {
             conn,
             path: path.to_path_buf(),
         };
-        cat.setup(create)?;
-        Ok(cat)
+        match cat.setup(create)? {
+            SCHEMA_VERSION => Ok(cat),
+            1 => Err(Error::NotAStore {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "catalog schema version 1, this modelfs reads {SCHEMA_VERSION}; run `modelfs upgrade` to convert it (objects are kept; every stored byte is read once)"
+                ),
+            }),
+            v => Err(Error::NotAStore {
+                path: path.to_path_buf(),
+                reason: format!("catalog schema version {v}, this modelfs reads {SCHEMA_VERSION}"),
+            }),
+        }
     }
 
-    fn setup(&self, create: bool) -> Result<()> {
+    /// Open an existing catalog of any schema version, for `upgrade`.
+    pub(crate) fn open_any_version(path: &Path) -> Result<(Catalog, i64)> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Catalog {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let cat = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
+        let version = cat.setup(false)?;
+        Ok((cat, version))
+    }
+
+    /// Set up the connection (and the schema if `create`); the schema version.
+    fn setup(&self, create: bool) -> Result<i64> {
         // FULL: a commit is fsync'd before it returns, so a model reported as
         // imported survives power loss. WAL: readers in other processes keep
         // reading a consistent snapshot while an import commits.
@@ -154,10 +185,9 @@ impl Catalog {
             .optional()
         })?;
         match version.as_deref() {
-            Some(v) if v == SCHEMA_VERSION.to_string() => Ok(()),
-            Some(v) => Err(Error::NotAStore {
+            Some(v) => v.parse().map_err(|_| Error::NotAStore {
                 path: self.path.clone(),
-                reason: format!("catalog schema version {v}, this modelfs reads {SCHEMA_VERSION}"),
+                reason: format!("catalog schema version {v:?} is not a number"),
             }),
             None => Err(Error::NotAStore {
                 path: self.path.clone(),
@@ -304,6 +334,29 @@ impl Catalog {
                     Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
                 })
                 .optional()
+        })
+    }
+
+    /// Stored chunks of length `len` whose fingerprint is `fast` (candidates for
+    /// holding the same bytes; only comparing the bytes tells).
+    pub fn chunks_by_fast(&self, fast: u64, len: u32) -> Result<Vec<(Hash, ObjectId, u64)>> {
+        self.sql(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT hash, object, offset FROM chunks WHERE fast = ?1 AND length = ?2 LIMIT 4",
+            )?;
+            let rows = st.query_map(rusqlite::params![fast as i64, len], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map(|rows| {
+            rows.into_iter()
+                .filter_map(|(h, o, off)| Some((Hash::from_slice(&h)?, o, off)))
+                .collect()
         })
     }
 

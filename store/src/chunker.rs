@@ -7,7 +7,12 @@
 //! content-defined chunking (FastCDC), which survives insertions that shift the
 //! following bytes.
 
-use modelfs_formats::TensorSpan;
+use std::io::{self, Read};
+
+use modelfs_formats::{Source, TensorSpan};
+use rayon::prelude::*;
+
+use crate::recipe::{content_key, Hash};
 
 /// Size of the pieces large tensors are cut into. 1 MiB matches the size of
 /// the mount's read requests, so a copy-mode read verifies about one chunk.
@@ -61,6 +66,113 @@ pub fn regions(file_len: u64, spans: &[TensorSpan]) -> Vec<Region> {
         });
     }
     out
+}
+
+/// The chunks `regions` cut `bytes` into, as (file offset, length), in file
+/// order. Tensor regions give fixed pieces from the tensor's first byte,
+/// other regions FastCDC chunks (the same cut points `StreamCDC` finds, see
+/// [`canonical_key`], because both call the same `cut_gear` on at most
+/// `CDC_MAX` bytes).
+pub fn cut(bytes: &[u8], regions: &[Region]) -> Vec<(u64, u32)> {
+    let mut out = Vec::new();
+    for region in regions {
+        match *region {
+            Region::Tensor { offset, len } => {
+                let mut piece = 0;
+                while piece < len {
+                    let l = TENSOR_PIECE.min(len - piece);
+                    out.push((offset + piece, l as u32));
+                    piece += l;
+                }
+            }
+            Region::Other { offset, len } => {
+                let part = &bytes[offset as usize..(offset + len) as usize];
+                for c in fastcdc::v2020::FastCDC::new(part, CDC_MIN, CDC_AVG, CDC_MAX) {
+                    out.push((offset + c.offset as u64, c.length as u32));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The regions a content is cut into when nothing but its bytes is known:
+/// the format detected from the bytes alone (no file name) and no ONNX
+/// external-data spans. The content key is defined over this chunking, so
+/// identical bytes get one key whatever they were called when imported.
+pub fn canonical_regions(src: &dyn Source) -> Vec<Region> {
+    let spans = match modelfs_formats::layout("", src) {
+        Ok(Some(layout)) => layout.tensors,
+        _ => Vec::new(),
+    };
+    regions(src.len(), &spans)
+}
+
+/// The content key of an in-memory (or mapped) content: its canonical
+/// chunks hashed on all cores, then [`content_key`] over them.
+pub fn canonical_key_of_bytes(bytes: &[u8]) -> Hash {
+    let chunks = cut(bytes, &canonical_regions(&bytes));
+    let hashes: Vec<(Hash, u32)> = chunks
+        .par_iter()
+        .map(|&(off, len)| {
+            let at = off as usize;
+            (Hash::of(&bytes[at..at + len as usize]), len)
+        })
+        .collect();
+    content_key(hashes.iter().copied())
+}
+
+/// The content key of a content read through `src` piece by piece, for
+/// checking a content whose stored recipe is not its canonical chunking
+/// (see store-format §3) without holding it in memory.
+pub fn canonical_key(src: &dyn Source) -> io::Result<Hash> {
+    let mut hashes: Vec<(Hash, u32)> = Vec::new();
+    let mut buf = Vec::new();
+    for region in canonical_regions(src) {
+        match region {
+            Region::Tensor { offset, len } => {
+                let mut piece = 0;
+                while piece < len {
+                    let l = TENSOR_PIECE.min(len - piece);
+                    buf.resize(l as usize, 0);
+                    src.read_at(offset + piece, &mut buf)?;
+                    hashes.push((Hash::of(&buf), l as u32));
+                    piece += l;
+                }
+            }
+            Region::Other { offset, len } => {
+                let reader = SourceReader {
+                    src,
+                    pos: offset,
+                    end: offset + len,
+                };
+                for c in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
+                    let c = c.map_err(|e| match e {
+                        fastcdc::v2020::Error::IoError(e) => e,
+                        other => io::Error::other(other.to_string()),
+                    })?;
+                    hashes.push((Hash::of(&c.data), c.length as u32));
+                }
+            }
+        }
+    }
+    Ok(content_key(hashes.into_iter()))
+}
+
+/// `Read` over a byte range of a [`Source`].
+struct SourceReader<'a> {
+    src: &'a dyn Source,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.end - self.pos).min(buf.len() as u64) as usize;
+        self.src.read_at(self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -8,13 +8,14 @@
 //! becomes visible. A kill before it leaves only unreferenced object files,
 //! which `gc` deletes.
 //!
-//! Throughput: a reader thread fills 16 MiB batches while the previous batch
-//! is hashed on all cores (chunk hashes and the whole-file hash in parallel)
-//! and its new chunks are appended to the object file.
+//! Throughput: the source is mapped, not copied; a reader thread faults the
+//! next 16 MiB batch in while the current one is hashed on all cores (each
+//! byte once: the content key is derived from the chunk hashes) and a writer
+//! thread appends its new chunks to the object file.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -27,9 +28,10 @@ use rayon::prelude::*;
 use rusqlite::params;
 
 use crate::catalog::{KIND_DIR, KIND_FILE};
-use crate::chunker::{self, Region, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
+use crate::chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::names::{check_relative_path, is_ancestor, validate_model_name};
+use crate::recipe::fingerprint;
 use crate::recipe::{self, Hash, ObjectId, Segment};
 use crate::{fsync_dir, Store};
 
@@ -75,6 +77,9 @@ pub struct ImportSummary {
     pub recipe_files: u64,
     /// Files identical to content already stored.
     pub identical_files: u64,
+    /// Bytes of chunks recognised as already stored by comparing them with
+    /// the stored copy in the page cache, instead of hashing them.
+    pub recognised_bytes: u64,
     pub warnings: Vec<String>,
 }
 
@@ -289,118 +294,58 @@ fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
     out
 }
 
-/// A batch of consecutive chunks of one file, read into one buffer.
-struct Batch {
-    file_offset: u64,
-    /// A reusable buffer of BATCH_BYTES; `data[..used]` holds this batch.
-    data: Vec<u8>,
-    used: usize,
-    /// (offset in `data`, length) of each chunk, in file order.
-    chunks: Vec<(usize, usize)>,
-}
-
-/// Read a file region by region into batches, cutting chunks as it goes.
-fn produce(
-    file: &File,
-    regions: &[Region],
-    tx: &mpsc::SyncSender<io::Result<Batch>>,
-    recycled: &mpsc::Receiver<Batch>,
-) -> io::Result<()> {
-    let fresh = |file_offset: u64| {
-        let mut b = recycled.try_recv().unwrap_or_else(|_| Batch {
-            file_offset: 0,
-            // Allocated (and zeroed) once, then reused: zero-filling every
-            // batch again would cost a pass over all the bytes.
-            data: vec![0; BATCH_BYTES],
-            used: 0,
-            chunks: Vec::new(),
-        });
-        b.file_offset = file_offset;
-        b.used = 0;
-        b.chunks.clear();
-        b
+/// Populate the page tables of `bytes[from..to]` (reading from disk what is
+/// not cached). Done for each batch before any thread touches it, because
+/// MADV_POPULATE_READ reports a file that shrank under the mapping as an
+/// error, where touching the missing pages would kill the process with
+/// SIGBUS. (A truncation between this call and the hashing still would: the
+/// import then dies like a `kill -9`, and publishes nothing.)
+fn populate(bytes: &[u8], from: u64, to: u64) -> io::Result<()> {
+    const PAGE: u64 = 4096;
+    let start = from & !(PAGE - 1);
+    if to <= start {
+        return Ok(());
+    }
+    // SAFETY: the range lies inside the mapping `bytes` belongs to (its base
+    // is page-aligned, so rounding `from` down stays inside it); the call
+    // only faults pages in.
+    let rc = unsafe {
+        libc::madvise(
+            bytes.as_ptr().add(start as usize) as *mut libc::c_void,
+            (to - start) as usize,
+            libc::MADV_POPULATE_READ,
+        )
     };
-    let send = |b: Batch| {
-        tx.send(Ok(b))
-            .map_err(|_| io::Error::other("import stopped"))
-    };
-    let mut batch = fresh(0);
-    for region in regions {
-        match *region {
-            Region::Tensor { offset, len } => {
-                let end = offset + len;
-                let mut pos = offset;
-                while pos < end {
-                    if BATCH_BYTES - batch.used < TENSOR_PIECE as usize && !batch.chunks.is_empty()
-                    {
-                        let next = fresh(pos);
-                        send(std::mem::replace(&mut batch, next))?;
-                    }
-                    let room = (BATCH_BYTES - batch.used) as u64;
-                    let n = (end - pos).min((room / TENSOR_PIECE).max(1) * TENSOR_PIECE);
-                    let start = batch.used;
-                    batch.used += n as usize;
-                    file.read_exact_at(&mut batch.data[start..batch.used], pos)?;
-                    let mut piece = 0;
-                    while piece < n {
-                        let l = TENSOR_PIECE.min(n - piece);
-                        batch.chunks.push((start + piece as usize, l as usize));
-                        piece += l;
-                    }
-                    pos += n;
-                }
-            }
-            Region::Other { offset, len } => {
-                let reader = RangeReader {
-                    file,
-                    pos: offset,
-                    end: offset + len,
-                };
-                for chunk in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
-                    let chunk = chunk.map_err(|e| match e {
-                        fastcdc::v2020::Error::IoError(e) => e,
-                        other => io::Error::other(other.to_string()),
-                    })?;
-                    if batch.used + chunk.length > BATCH_BYTES && !batch.chunks.is_empty() {
-                        let next = fresh(offset + chunk.offset);
-                        send(std::mem::replace(&mut batch, next))?;
-                    }
-                    batch.chunks.push((batch.used, chunk.length));
-                    batch.data[batch.used..batch.used + chunk.length].copy_from_slice(&chunk.data);
-                    batch.used += chunk.length;
-                }
-            }
-        }
+    if rc == 0 {
+        return Ok(());
     }
-    if !batch.chunks.is_empty() {
-        send(batch)?;
-    }
-    Ok(())
+    let e = io::Error::last_os_error();
+    Err(match e.raw_os_error() {
+        Some(libc::EFAULT) => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shrank while being imported",
+        ),
+        _ => e,
+    })
 }
 
-/// `Read` over a byte range of a file, by positioned reads.
-struct RangeReader<'a> {
-    file: &'a File,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for RangeReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
-        if want == 0 {
-            return Ok(0);
+/// Group `chunks` into batches of about BATCH_BYTES: (first chunk, end chunk).
+fn batches(chunks: &[(u64, u32)]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    let mut bytes = 0usize;
+    for (i, &(_, len)) in chunks.iter().enumerate() {
+        if bytes + len as usize > BATCH_BYTES && i > first {
+            out.push((first, i));
+            first = i;
+            bytes = 0;
         }
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while being imported",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
+        bytes += len as usize;
     }
+    if first < chunks.len() {
+        out.push((first, chunks.len()));
+    }
+    out
 }
 
 /// The object file a file's new chunks are appended to. Offsets are handed
@@ -413,43 +358,74 @@ struct ObjectWriter {
     assigned: u64,
 }
 
-/// Bytes of one batch to append to an object: (start, end) in the batch and
-/// the object offset of `start`.
+/// Bytes of the source to append to an object: runs of (file offset, end,
+/// object offset).
 struct WriteJob {
-    batch: Batch,
     object: Option<(Arc<File>, PathBuf)>,
-    runs: Vec<(usize, usize, u64)>,
+    runs: Vec<(u64, u64, u64)>,
 }
 
-/// The writer thread: writes runs of new chunks, starts writeback early, and
-/// hands batch buffers back to the reader. Returns the bytes written.
-fn write_runs(jobs: mpsc::Receiver<WriteJob>, recycle: mpsc::Sender<Batch>) -> Result<u64> {
+/// The writer thread: copies runs of new chunks from the source mapping into
+/// their object and starts writeback early. Returns the bytes written.
+fn write_runs(jobs: mpsc::Receiver<WriteJob>, source: &[u8]) -> Result<u64> {
     let mut written = 0u64;
     let mut writeback_from = 0u64;
     for job in jobs {
-        if let Some((file, path)) = &job.object {
-            for &(start, end, at) in &job.runs {
-                file.write_all_at(&job.batch.data[start..end], at)
-                    .at(path)?;
-                written += (end - start) as u64;
-                let upto = at + (end - start) as u64;
-                if upto - writeback_from >= WRITE_BEHIND {
-                    // SAFETY: sync_file_range on our own descriptor; it only starts I/O.
-                    unsafe {
-                        libc::sync_file_range(
-                            file.as_raw_fd(),
-                            writeback_from as i64,
-                            (upto - writeback_from) as i64,
-                            libc::SYNC_FILE_RANGE_WRITE,
-                        );
-                    }
-                    writeback_from = upto;
+        let Some((file, path)) = &job.object else {
+            continue;
+        };
+        for &(start, end, at) in &job.runs {
+            file.write_all_at(&source[start as usize..end as usize], at)
+                .at(path)?;
+            written += end - start;
+            let upto = at + (end - start);
+            if upto - writeback_from >= WRITE_BEHIND {
+                // SAFETY: sync_file_range on our own descriptor; it only starts I/O.
+                unsafe {
+                    libc::sync_file_range(
+                        file.as_raw_fd(),
+                        writeback_from as i64,
+                        (upto - writeback_from) as i64,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
                 }
+                writeback_from = upto;
             }
         }
-        let _ = recycle.send(job.batch);
     }
     Ok(written)
+}
+
+/// A stored chunk that a new chunk may duplicate (same fingerprint and length).
+struct Candidate {
+    hash: Hash,
+    object: ObjectId,
+    offset: u64,
+    map: Arc<memmap2::Mmap>,
+}
+
+impl Candidate {
+    fn bytes(&self, len: u32) -> &[u8] {
+        &self.map[self.offset as usize..self.offset as usize + len as usize]
+    }
+}
+
+/// Whether every page of `map[from..to]` is in the page cache.
+fn resident(map: &memmap2::Mmap, from: u64, to: u64) -> bool {
+    const PAGE: u64 = 4096;
+    let start = from & !(PAGE - 1);
+    let pages = (to - start).div_ceil(PAGE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range lies inside the mapping (the caller checked `to`
+    // against its length; its base is page-aligned).
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr().add(start as usize) as *mut libc::c_void,
+            (to - start) as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    rc == 0 && vec.iter().all(|v| v & 1 == 1)
 }
 
 struct NewContent {
@@ -471,6 +447,10 @@ struct Ingest<'s> {
     store: &'s Store,
     next_object: ObjectId,
     pending_chunks: HashMap<Hash, (ObjectId, u64)>,
+    /// Fingerprint of each chunk in `pending_chunks`, for `chunks.fast`.
+    pending_fast: HashMap<Hash, u64>,
+    /// Committed objects mapped for comparing bytes (None: could not map).
+    object_maps: HashMap<ObjectId, Option<Arc<memmap2::Mmap>>>,
     pending_contents: HashMap<Hash, usize>,
     new_objects: Vec<(ObjectId, u64, bool)>,
     new_contents: Vec<NewContent>,
@@ -478,8 +458,6 @@ struct Ingest<'s> {
     created: Vec<PathBuf>,
     object_dirs: BTreeSet<PathBuf>,
     summary: ImportSummary,
-    /// Read buffers kept from file to file.
-    batch_pool: Vec<Batch>,
 }
 
 impl Ingest<'_> {
@@ -488,6 +466,40 @@ impl Ingest<'_> {
             return Ok(Some(*loc));
         }
         self.store.catalog().chunk(hash)
+    }
+
+    /// A committed chunk that may hold the same bytes as a chunk of length
+    /// `len` whose fingerprint is `fast`, if its bytes are in the page cache now.
+    /// Comparing with resident bytes costs a fraction of hashing; comparing
+    /// with bytes on disk would cost a read, so those are hashed instead.
+    fn resident_candidate(&mut self, fast: u64, len: u32) -> Result<Option<Candidate>> {
+        for (hash, object, offset) in self.store.catalog().chunks_by_fast(fast, len)? {
+            let map = match self.object_maps.get(&object) {
+                Some(m) => m.clone(),
+                None => {
+                    let path = self.store.object_path(object);
+                    // SAFETY: a committed object is never written again, and
+                    // gc (which punches holes) waits for our writer lock.
+                    let m = File::open(&path)
+                        .and_then(|f| unsafe { memmap2::Mmap::map(&f) })
+                        .ok()
+                        .map(Arc::new);
+                    self.object_maps.insert(object, m.clone());
+                    m
+                }
+            };
+            let Some(map) = map else { continue };
+            let end = offset + u64::from(len);
+            if end <= map.len() as u64 && resident(&map, offset, end) {
+                return Ok(Some(Candidate {
+                    hash,
+                    object,
+                    offset,
+                    map,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     fn new_object(&mut self) -> Result<ObjectWriter> {
@@ -528,8 +540,24 @@ impl Ingest<'_> {
     ) -> Result<ContentRef> {
         let file = File::open(&src.abs).at(&src.abs)?;
         let size = file.metadata().at(&src.abs)?.len();
-        // SAFETY: advisory call on our own descriptor.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        // Hashing and copying work on a read-only mapping of the source: no
+        // copy into a buffer first (that copy cost a third as much as the
+        // hashing). Pages are faulted in per batch by `populate`, so a file
+        // that shrinks underneath is an error, not SIGBUS.
+        let map = if size == 0 {
+            None
+        } else {
+            let len = usize::try_from(size).map_err(|_| Error::InvalidInput {
+                path: src.abs.clone(),
+                reason: "file too large for the address space".into(),
+            })?;
+            // SAFETY: read-only private mapping of a file we opened; its bytes
+            // are only read after `populate` succeeded for them.
+            let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }.at(&src.abs)?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            Some(map)
+        };
+        let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
 
         let (format, mut spans) = match modelfs_formats::layout(&src.rel, &file) {
             Ok(Some(layout)) => (
@@ -549,57 +577,86 @@ impl Ingest<'_> {
         };
         spans.extend_from_slice(extra_spans);
         let regions = chunker::regions(size, &spans);
+        // Content-defined chunking reads the bytes it cuts.
+        for r in &regions {
+            if let chunker::Region::Other { offset, len } = *r {
+                populate(bytes, offset, offset + len).at(&src.abs)?;
+            }
+        }
+        let chunks = chunker::cut(bytes, &regions);
 
-        let mut whole = blake3::Hasher::new();
-        let mut segments: Vec<Segment> = Vec::new();
+        let mut segments: Vec<Segment> = Vec::with_capacity(chunks.len());
         let mut object: Option<ObjectWriter> = None;
         let mut saw_duplicate = false;
-        let mut consumed = 0u64;
 
-        let (tx, rx) = mpsc::sync_channel::<io::Result<Batch>>(1);
-        let (recycle_tx, recycle_rx) = mpsc::channel::<Batch>();
-        // Buffers of earlier files are reused: their pages are already faulted in.
-        for b in self.batch_pool.drain(..) {
-            let _ = recycle_tx.send(b);
-        }
+        let batches = batches(&chunks);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<usize>>(1);
         let (job_tx, job_rx) = mpsc::sync_channel::<WriteJob>(1);
-        let mut pool = Vec::new();
         let result: Result<u64> = std::thread::scope(|scope| {
-            let file = &file;
-            let regions = &regions;
-            let producer = scope.spawn(move || {
-                if let Err(e) = produce(file, regions, &tx, &recycle_rx) {
-                    let _ = tx.send(Err(e));
+            let (chunks, batches) = (&chunks, &batches);
+            // Faults the next batch in (from disk if it is cold) while the
+            // current one is hashed.
+            let reader = scope.spawn(move || {
+                for (i, &(first, end)) in batches.iter().enumerate() {
+                    let from = chunks[first].0;
+                    let to = chunks[end - 1].0 + u64::from(chunks[end - 1].1);
+                    let ready = populate(bytes, from, to).map(|()| i);
+                    let failed = ready.is_err();
+                    if ready_tx.send(ready).is_err() || failed {
+                        break;
+                    }
                 }
-                drop(tx);
-                recycle_rx
             });
-            let writer = scope.spawn(move || write_runs(job_rx, recycle_tx));
+            let writer = scope.spawn(move || write_runs(job_rx, bytes));
             let outcome = (|| -> Result<()> {
-                for batch in &rx {
-                    let batch = batch.at(&src.abs)?;
-                    let (hashes, ()) = rayon::join(
-                        || {
-                            batch
-                                .chunks
-                                .par_iter()
-                                .map(|&(off, len)| Hash::of(&batch.data[off..off + len]))
-                                .collect::<Vec<_>>()
-                        },
-                        || {
-                            whole.update_rayon(&batch.data[..batch.used]);
-                        },
-                    );
+                for ready in &ready_rx {
+                    let (first, end) = batches[ready.at(&src.abs)?];
+                    let batch = &chunks[first..end];
+                    let chunk_bytes =
+                        |off: u64, len: u32| &bytes[off as usize..off as usize + len as usize];
+                    // Known chunks are recognised by fingerprint + comparing bytes
+                    // with a resident stored copy; the rest are hashed.
+                    let fast: Vec<u64> = batch
+                        .par_iter()
+                        .map(|&(off, len)| fingerprint(chunk_bytes(off, len)))
+                        .collect();
+                    let candidates = batch
+                        .iter()
+                        .zip(&fast)
+                        .map(|(&(_, len), &f)| self.resident_candidate(f, len))
+                        .collect::<Result<Vec<_>>>()?;
+                    let resolved: Vec<(Hash, Option<(ObjectId, u64)>)> = batch
+                        .par_iter()
+                        .zip(candidates.par_iter())
+                        .map(|(&(off, len), candidate)| {
+                            let mine = chunk_bytes(off, len);
+                            match candidate {
+                                Some(c) if c.bytes(len) == mine => {
+                                    (c.hash, Some((c.object, c.offset)))
+                                }
+                                _ => (Hash::of(mine), None),
+                            }
+                        })
+                        .collect();
                     // Consecutive new chunks form one run, written with one call.
-                    let mut runs: Vec<(usize, usize, u64)> = Vec::new();
-                    for (&(off, len), hash) in batch.chunks.iter().zip(hashes) {
-                        if let Some((obj, obj_off)) = self.lookup_chunk(&hash)? {
+                    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+                    for ((&(off, len), (hash, known)), &fast) in
+                        batch.iter().zip(resolved).zip(&fast)
+                    {
+                        let known = match known {
+                            Some(loc) => {
+                                self.summary.recognised_bytes += u64::from(len);
+                                Some(loc)
+                            }
+                            None => self.lookup_chunk(&hash)?,
+                        };
+                        if let Some((obj, obj_off)) = known {
                             saw_duplicate = true;
                             segments.push(Segment {
                                 hash,
                                 object: obj,
                                 object_offset: obj_off,
-                                len: len as u32,
+                                len,
                             });
                             continue;
                         }
@@ -608,27 +665,28 @@ impl Ingest<'_> {
                         }
                         let w = object.as_mut().expect("just created");
                         let obj_off = w.assigned;
-                        w.assigned += len as u64;
+                        w.assigned += u64::from(len);
                         self.pending_chunks.insert(hash, (w.id, obj_off));
+                        self.pending_fast.insert(hash, fast);
                         segments.push(Segment {
                             hash,
                             object: w.id,
                             object_offset: obj_off,
-                            len: len as u32,
+                            len,
                         });
+                        let end = off + u64::from(len);
                         match runs.last_mut() {
-                            Some(run) if run.1 == off => run.1 = off + len,
-                            _ => runs.push((off, off + len, obj_off)),
+                            Some(run) if run.1 == off => run.1 = end,
+                            _ => runs.push((off, end, obj_off)),
                         }
                     }
-                    consumed += batch.used as u64;
-                    progress.advance(batch.used as u64);
+                    let batch_bytes: u64 = batch.iter().map(|&(_, len)| u64::from(len)).sum();
+                    progress.advance(batch_bytes);
                     let target = object
                         .as_ref()
                         .map(|w| (Arc::clone(&w.file), w.path.clone()));
                     if job_tx
                         .send(WriteJob {
-                            batch,
                             object: target,
                             runs,
                         })
@@ -639,25 +697,29 @@ impl Ingest<'_> {
                 }
                 Ok(())
             })();
-            drop(rx);
+            drop(ready_rx);
             drop(job_tx);
-            let recycled = producer.join().expect("reader thread panicked");
+            reader.join().expect("reader thread panicked");
             let written = writer.join().expect("writer thread panicked");
-            pool.extend(recycled.try_iter());
             outcome.and(written)
         });
-        self.batch_pool = pool;
         let written = result?;
-        if consumed != size {
+        let now = file.metadata().at(&src.abs)?.len();
+        if now != size {
             return Err(Error::InvalidInput {
                 path: src.abs.clone(),
-                reason: format!(
-                    "file changed size while being imported ({size} -> {consumed} bytes)"
-                ),
+                reason: format!("file changed size while being imported ({size} -> {now} bytes)"),
             });
         }
 
-        let hash = Hash::from(whole.finalize());
+        // The key is defined over the chunking the bytes alone decide; when
+        // the file name or an ONNX model's external-data spans changed the
+        // chunking, that needs a second pass (store-format §3).
+        let hash = if chunker::canonical_regions(&file) == regions {
+            recipe::content_key(segments.iter().map(|s| (s.hash, s.len)))
+        } else {
+            chunker::canonical_key_of_bytes(bytes)
+        };
         let existing = match self.pending_contents.get(&hash) {
             Some(&i) => Some(ContentRef::New(i)),
             None => self
@@ -736,12 +798,13 @@ impl Store {
             store: self,
             next_object,
             pending_chunks: HashMap::new(),
+            pending_fast: HashMap::new(),
+            object_maps: HashMap::new(),
             pending_contents: HashMap::new(),
             new_objects: Vec::new(),
             new_contents: Vec::new(),
             created: Vec::new(),
             object_dirs: BTreeSet::new(),
-            batch_pool: Vec::new(),
             summary: ImportSummary {
                 name: opts.name.clone(),
                 files: tree.files.len() as u64,
@@ -751,6 +814,7 @@ impl Store {
                 whole_files: 0,
                 recipe_files: 0,
                 identical_files: 0,
+                recognised_bytes: 0,
                 warnings: Vec::new(),
             },
         };
@@ -843,7 +907,7 @@ impl Store {
                     "INSERT INTO contents(hash, size, whole_object, format, recipe) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 let mut chunk = tx.prepare(
-                    "INSERT OR IGNORE INTO chunks(hash, object, offset, length) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO chunks(hash, object, offset, length, fast) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for c in &ingest.new_contents {
                     ins.execute(params![
@@ -863,7 +927,8 @@ impl Store {
                                 &s.hash.0[..],
                                 s.object as i64,
                                 s.object_offset as i64,
-                                s.len
+                                s.len,
+                                ingest.pending_fast.get(&s.hash).map_or(0, |&f| f as i64)
                             ])?;
                         }
                     }

@@ -25,20 +25,22 @@ mod names;
 mod read;
 pub mod recipe;
 pub mod trace;
+mod upgrade;
 mod usage;
 mod verify;
 
 use std::path::{Path, PathBuf};
 
 pub use catalog::{Catalog, ContentInfo, EntryInfo, ModelInfo, Snapshot};
-pub use chunker::{CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
+pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
 pub use names::{check_relative_path, validate_model_name, RESERVED as RESERVED_NAME};
-pub use read::FileReader;
+pub use read::{whole_object_matches, FileReader};
 pub use recipe::{Hash, ObjectId, Segment};
 pub use trace::{LoadTrace, TraceRecorder, TRACES_DIR};
+pub use upgrade::UpgradeReport;
 pub use usage::{ModelUsage, Usage};
 pub use verify::{Damage, VerifyReport};
 

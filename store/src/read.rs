@@ -10,10 +10,13 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
+
 use crate::catalog::ContentInfo;
+use crate::chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::locks;
-use crate::recipe::{Hash, ObjectId};
+use crate::recipe::{content_key, Hash, ObjectId};
 use crate::Store;
 
 pub struct FileReader {
@@ -123,34 +126,46 @@ impl FileReader {
         Ok(())
     }
 
-    /// Copy the whole file to `out`, checking every chunk and the whole-file hash.
+    /// Copy the whole file to `out`, checking every chunk and the content key.
     pub fn copy_to(&self, out: &mut dyn Write) -> Result<u64> {
         let mut buf = Vec::new();
-        let mut whole = blake3::Hasher::new();
         for i in 0..self.content.segments.len() {
             self.read_segment(i, &mut buf)?;
-            whole.update(&buf);
             out.write_all(&buf).at("<output>")?;
         }
-        self.check_whole(whole)?;
+        self.check_key()?;
         Ok(self.content.size)
     }
 
-    /// Check every chunk and the whole-file hash without copying anywhere.
+    /// Check every chunk and the content key without copying anywhere.
     pub fn verify(&self) -> Result<()> {
         let mut buf = Vec::new();
-        let mut whole = blake3::Hasher::new();
         for i in 0..self.content.segments.len() {
             self.read_segment(i, &mut buf)?;
-            whole.update(&buf);
         }
-        self.check_whole(whole)
+        self.check_key()
     }
 
-    fn check_whole(&self, whole: blake3::Hasher) -> Result<()> {
-        if Hash::from(whole.finalize()) != self.content.hash {
+    /// Every chunk being right does not make the recipe right (a damaged
+    /// recipe could list right chunks in a wrong order): the content key
+    /// over the recipe's chunk list must be the content's key. A recipe that
+    /// is not the canonical chunking (store-format §3) hashes to another
+    /// value, so then the key is derived again from the bytes.
+    fn check_key(&self) -> Result<()> {
+        let listed = content_key(self.content.segments.iter().map(|s| (s.hash, s.len)));
+        if listed == self.content.hash {
+            return Ok(());
+        }
+        let derived = chunker::canonical_key(self).map_err(|e| match e.into_inner() {
+            Some(inner) => match inner.downcast::<Error>() {
+                Ok(store_error) => *store_error,
+                Err(other) => Error::Corrupt(other.to_string()),
+            },
+            None => Error::Corrupt("read failed while deriving the content key".into()),
+        })?;
+        if derived != self.content.hash {
             return Err(Error::Corrupt(format!(
-                "reassembled file does not match its hash {} (the recipe is damaged)",
+                "reassembled file does not match its content key {} (the recipe is damaged)",
                 self.content.hash
             )));
         }
@@ -179,4 +194,48 @@ impl FileReader {
         }
         Ok(done)
     }
+}
+
+/// Lets the format parsers and the canonical chunker read a stored file,
+/// every chunk checked as it is read.
+impl modelfs_formats::Source for FileReader {
+    fn len(&self) -> u64 {
+        self.content.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let n = FileReader::read_at(self, offset, buf).map_err(io::Error::other)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of a stored file",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `bytes` (a whole-file object, mapped) are exactly `content`. When
+/// the recipe tiles the object in order and its chunk list gives the key,
+/// each chunk is hashed on all cores against the recipe; otherwise the key
+/// is derived from the bytes (store-format §3). Either way every byte is
+/// hashed once.
+pub fn whole_object_matches(content: &ContentInfo, bytes: &[u8]) -> bool {
+    if bytes.len() as u64 != content.size {
+        return false;
+    }
+    let mut at = 0u64;
+    let tiles = content.segments.iter().all(|s| {
+        let ok = Some(s.object) == content.whole_object && s.object_offset == at;
+        at += u64::from(s.len);
+        ok
+    }) && at == content.size;
+    let listed = content_key(content.segments.iter().map(|s| (s.hash, s.len)));
+    if tiles && listed == content.hash {
+        return content.segments.par_iter().all(|s| {
+            let a = s.object_offset as usize;
+            Hash::of(&bytes[a..a + s.len as usize]) == s.hash
+        });
+    }
+    chunker::canonical_key_of_bytes(bytes) == content.hash
 }

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-/// A blake3 digest. Chunks and whole files are both named by it.
+/// A BLAKE3 digest: a chunk's hash, or a content's key ([`content_key`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hash(pub [u8; 32]);
 
@@ -40,6 +40,44 @@ impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
     }
+}
+
+/// BLAKE3 key-derivation context of content keys (store-format §3).
+pub const CONTENT_KEY_CONTEXT: &str = "modelfs 2026-11 content key v1";
+
+/// The key a content (distinct file) is stored under: BLAKE3 in key-derivation
+/// mode over its chunk list, each chunk as its hash then its length (u32
+/// little-endian). It commits to every byte as a whole-file hash does, but
+/// costs a pass over 36 bytes per chunk instead of one over the content, so
+/// an import hashes each byte once. Which chunk list: store-format §3.
+pub fn content_key(chunks: impl Iterator<Item = (Hash, u32)>) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key(CONTENT_KEY_CONTEXT);
+    for (hash, len) in chunks {
+        h.update(&hash.0);
+        h.update(&len.to_le_bytes());
+    }
+    Hash::from(h.finalize())
+}
+
+/// Bytes from each end of a chunk that [`fingerprint`] reads.
+pub const FINGERPRINT_EDGE: usize = 4096;
+
+/// The chunk index's cheap, non-cryptographic fingerprint (`chunks.fast`):
+/// xxh3-64 of the chunk's first and last [`FINGERPRINT_EDGE`] bytes (of the
+/// whole chunk when it is at most twice that). It only finds *candidates*:
+/// an import takes a known chunk for a new one only after comparing every
+/// byte, so a collision (or a chunk differing only in its middle) costs a
+/// comparison and a BLAKE3, never a wrong chunk. Reading 8 KiB of a 1 MiB
+/// chunk instead of all of it is what makes recognising a known chunk much
+/// cheaper than hashing it.
+pub fn fingerprint(chunk: &[u8]) -> u64 {
+    if chunk.len() <= 2 * FINGERPRINT_EDGE {
+        return xxhash_rust::xxh3::xxh3_64(chunk);
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&chunk[..FINGERPRINT_EDGE]);
+    h.update(&chunk[chunk.len() - FINGERPRINT_EDGE..]);
+    h.digest()
 }
 
 /// Identifier of an object file (`objects/<id & 0xff>/<id>`).

@@ -3,7 +3,7 @@
 //!
 //! Why in the store: a trace belongs to a file's *content* (identical files
 //! are one content, and any mount of the store may replay it), so it is keyed
-//! by the content's whole-file hash and lives beside the objects, under
+//! by the content key and lives beside the objects, under
 //! `traces/`. Why outside the catalog: the mount daemon records traces while
 //! it serves reads, and it must never take the store's writer lock or write
 //! the catalog. A trace is only a hint: it is written with write-then-rename
@@ -183,7 +183,7 @@ impl TraceRecorder {
 }
 
 impl Store {
-    /// Path of the trace of the content with whole-file hash `hash`.
+    /// Path of the trace of the content with key `hash`.
     pub fn trace_path(&self, hash: &Hash) -> PathBuf {
         trace_path(self.root(), hash)
     }

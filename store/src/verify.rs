@@ -34,7 +34,7 @@ impl VerifyReport {
 
 impl Store {
     /// Check every file of `model` (or of every model): each chunk against
-    /// its hash and each file against its whole-file hash. Each distinct
+    /// its hash and each file against its content key. Each distinct
     /// content is read once, however many files share it.
     pub fn verify(&self, model: Option<&str>) -> Result<VerifyReport> {
         let models = match model {
