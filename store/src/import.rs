@@ -40,7 +40,7 @@ use crate::{fsync_dir, Store};
 const BATCH_BYTES: usize = 16 << 20;
 /// Start writeback of an object every this many bytes, so the fsync at the
 /// end of a large file finds little left to write.
-const WRITE_BEHIND: u64 = 64 << 20;
+const WRITE_BEHIND: u64 = 16 << 20;
 
 pub struct ImportOptions {
     /// Model name; validated by [`validate_model_name`].
