@@ -349,6 +349,18 @@ def first_diff(a: bytes, b: bytes) -> int:
     return n
 
 
+def evict_page_cache(root: Path) -> None:
+    """Drop the page-cache pages of every file under root (clean pages go at once;
+    sync first for files just written)."""
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def read_via_mmap(path) -> bytes:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

@@ -22,6 +22,7 @@ import pytest
 import modelfamily
 from blake3_ref import blake3_digest, derive_key_hex
 from conftest import SLACK_PER_FILE, Modelfs
+from mountlib import evict_page_cache
 
 IS_ROOT = os.geteuid() == 0
 ONE_CHUNK_MAX = 16 * 1024  # = CDC_MIN: such a file, if no model format, is one chunk
@@ -400,17 +401,6 @@ def _save_safetensors(path: Path, arrays) -> Path:
     return path
 
 
-def _evict(root: Path):
-    """Drop the page-cache pages of every file under root (clean pages go at once)."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def test_known_chunk_is_recognised_by_comparing_bytes(mfs, tmp_path):
     """A chunk is taken for a stored one only if every byte matches: a tensor
     piece that differs only in its middle has the same fingerprint (first and
@@ -440,7 +430,7 @@ def test_known_chunks_are_hashed_when_the_store_is_not_in_memory(mfs, tmp_path):
     a = _save_safetensors(tmp_path / "a" / "model.safetensors", {"w": w})
     b = _save_safetensors(tmp_path / "b" / "model.safetensors", {"renamed.w": w})  # other header
     _import_json(mfs, a.parent, "a")
-    _evict(mfs.store / "objects")
+    evict_page_cache(mfs.store / "objects")
     r = _import_json(mfs, b.parent, "b")
     assert r["identical_files"] == 0 and r["recognised_bytes"] == 0, r
     assert r["new_bytes"] < 64 << 10, f"only the new header should be stored: {r}"

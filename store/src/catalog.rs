@@ -111,20 +111,8 @@ pub struct ContentInfo {
 impl Catalog {
     /// Open (creating if asked) the catalog at `path`.
     pub fn open(path: &Path, create: bool) -> Result<Catalog> {
-        let flags = if create {
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
-        } else {
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Catalog {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let cat = Catalog {
-            conn,
-            path: path.to_path_buf(),
-        };
-        match cat.setup(create)? {
+        let (cat, version) = Catalog::open_any_version(path, create)?;
+        match version {
             SCHEMA_VERSION => Ok(cat),
             1 => Err(Error::NotAStore {
                 path: path.to_path_buf(),
@@ -139,9 +127,14 @@ impl Catalog {
         }
     }
 
-    /// Open an existing catalog of any schema version, for `upgrade`.
-    pub(crate) fn open_any_version(path: &Path) -> Result<(Catalog, i64)> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    /// Open (creating if asked) a catalog of any schema version, and say
+    /// which; `upgrade` uses it directly.
+    pub(crate) fn open_any_version(path: &Path, create: bool) -> Result<(Catalog, i64)> {
+        let flags = if create {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Catalog {
             path: path.to_path_buf(),
             source: e,
@@ -150,7 +143,7 @@ impl Catalog {
             conn,
             path: path.to_path_buf(),
         };
-        let version = cat.setup(false)?;
+        let version = cat.setup(create)?;
         Ok((cat, version))
     }
 

@@ -47,7 +47,7 @@ impl Store {
                 reason: format!("no {CATALOG_FILE}"),
             });
         }
-        let (catalog, version) = Catalog::open_any_version(&cat_path)?;
+        let (catalog, version) = Catalog::open_any_version(&cat_path, false)?;
         let store = Store {
             root: root.clone(),
             catalog,
@@ -80,7 +80,7 @@ impl Store {
         let keys: Vec<(i64, Hash, Hash)> = contents
             .into_par_iter()
             .map(|c| {
-                let (catalog, _) = Catalog::open_any_version(&cat_path)?;
+                let (catalog, _) = Catalog::open_any_version(&cat_path, false)?;
                 let handle = Store {
                     root: root.clone(),
                     catalog,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+from mountlib import evict_page_cache  # noqa: E402
 
 DEDUP_SET = ["base", "base-copy", "ft-head", "ft-last", "resharded", "torch-bin"]
 DUPLICATES = DEDUP_SET[1:]
@@ -47,17 +48,6 @@ def sync() -> float:
     t = time.perf_counter()
     os.sync()
     return time.perf_counter() - t
-
-
-def evict(root: Path):
-    """Drop the page-cache pages of every file under root (they are clean after sync)."""
-    for f in root.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def warm(paths):
@@ -116,7 +106,7 @@ def main() -> int:
         cold = work / f"cold{r}"
         run([m, "--store", str(cold), "import", str(fam / "base"), "--name", "base"])
         sync()
-        evict(cold / "objects")
+        evict_page_cache(cold / "objects")
         t = time.perf_counter()
         for d in DUPLICATES:
             run([m, "--store", str(cold), "import", str(fam / d), "--name", d])
