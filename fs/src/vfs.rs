@@ -138,8 +138,8 @@ impl MappedObject {
         resident.min((end - offset) as u64)
     }
 
-    /// Start reading a range from disk in the background (one large
-    /// request instead of the page faults of a later copy).
+    /// Start reading a range from disk in the background (used by the
+    /// trace replay, which must not wait for the disk step by step).
     pub fn will_need(&self, offset: u64, len: u64) {
         const PAGE: usize = 4096;
         let end = (offset + len).min(self.map.len() as u64) as usize;
@@ -759,11 +759,12 @@ impl Vfs {
             // Measured before anything below touches the pages.
             let here = obj.resident_bytes(a as u64, (b - a) as u64);
             resident += here;
-            if here < (b - a) as u64 {
-                // One large read of the chunk instead of the page faults of
-                // the hash and the copy (the store disk's readahead is small).
-                obj.will_need(s.object_offset, u64::from(s.len));
-            }
+            // A cold chunk is left to the page faults of the hash and the
+            // copy and their readahead. An MADV_WILLNEED of the whole chunk
+            // here (issue 4) doubled the daemon's CPU per cold byte (0.09-0.14
+            // s -> 0.17-0.25 s per 256 MiB; the profile shows the page cache
+            // filled page by page through force_page_cache_ra) and made cold
+            // copy-mode reads slower, not faster.
             if !open.check_segment(i, &self.verified_chunks) {
                 return Err(self.damaged(open, i, "chunk does not match its hash"));
             }

@@ -225,6 +225,7 @@ class Bench:
         helptext = subprocess.run([str(self.bin), "mount", "--help"], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True).stdout
         self.pin_supported = "--pin-budget" in helptext
+        self.mount_args = list(args.mount_args)
 
     # ----------------------------------------------------------------------------------
     # plumbing
@@ -261,6 +262,7 @@ class Bench:
             extra += ["--read-ahead-kb", str(ra_kb)]
         if pin == "off" and self.pin_supported:
             extra += ["--pin-budget", "0"]
+        extra += self.mount_args
         prefix = []
         if cgroup is not None:  # the daemon (forked by --daemon) inherits the cgroup
             prefix = ["sh", "-c", 'echo $$ > "$0/cgroup.procs"; exec "$@"', str(cgroup)]
@@ -1101,6 +1103,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 64 MiB files, 20x50 tree, one ra value")
     ap.add_argument("--modelfs", type=Path, default=REPO / "target/release/modelfs")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--mount-arg", action="append", default=[], dest="mount_args",
+                    help="extra argument for every `modelfs mount` (repeat), e.g. --mount-arg=--prefetch-window=0")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
     if args.quick:
