@@ -115,48 +115,25 @@ impl MappedObject {
         false
     }
 
+    /// The part of `[offset, offset+len)` inside the mapping.
+    fn slice(&self, offset: u64, len: u64) -> &[u8] {
+        let end = (offset.saturating_add(len)).min(self.map.len() as u64) as usize;
+        &self.map[(offset as usize).min(end)..end]
+    }
+
     /// Bytes of `[offset, offset+len)` whose pages are in the page cache
     /// (page granular, so an edge page counts whole when resident).
     pub fn resident_bytes(&self, offset: u64, len: u64) -> u64 {
-        const PAGE: usize = 4096;
-        let end = (offset + len).min(self.map.len() as u64) as usize;
-        let (offset, base) = (offset as usize, self.map.as_ptr() as usize);
-        if end <= offset {
-            return 0;
-        }
-        let start = (base + offset) / PAGE * PAGE;
-        let stop = (base + end).div_ceil(PAGE) * PAGE;
-        let mut pages = vec![0u8; (stop - start) / PAGE];
-        // SAFETY: the page-aligned range covers only pages of our live
-        // mapping (mappings are page aligned), and `pages` has one byte per page.
-        let rc =
-            unsafe { libc::mincore(start as *mut libc::c_void, stop - start, pages.as_mut_ptr()) };
-        if rc != 0 {
-            return 0;
-        }
-        let resident = pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * PAGE as u64;
-        resident.min((end - offset) as u64)
+        let bytes = self.slice(offset, len);
+        let (resident, _) = modelfs_store::pages::residency(bytes);
+        (resident as u64 * 4096).min(bytes.len() as u64)
     }
 
     /// Start reading a range from disk in the background (used by the
     /// trace replay, which must not wait for the disk step by step).
     pub fn will_need(&self, offset: u64, len: u64) {
-        const PAGE: usize = 4096;
-        let end = (offset + len).min(self.map.len() as u64) as usize;
-        let base = self.map.as_ptr() as usize;
-        let start = (base + offset as usize) / PAGE * PAGE;
-        let stop = base + end;
-        if stop > start {
-            // SAFETY: the range lies inside our live mapping; WILLNEED
-            // only schedules reads and never changes its contents.
-            unsafe {
-                libc::madvise(
-                    start as *mut libc::c_void,
-                    stop - start,
-                    libc::MADV_WILLNEED,
-                )
-            };
-        }
+        // Only a hint: if the kernel refuses it, the reads fault the bytes in.
+        let _ = modelfs_store::pages::advise(self.slice(offset, len), libc::MADV_WILLNEED);
     }
 
     pub fn unlock_range(&self, offset: u64, len: u64) {

@@ -77,14 +77,7 @@ pub fn cut(bytes: &[u8], regions: &[Region]) -> Vec<(u64, u32)> {
     let mut out = Vec::new();
     for region in regions {
         match *region {
-            Region::Tensor { offset, len } => {
-                let mut piece = 0;
-                while piece < len {
-                    let l = TENSOR_PIECE.min(len - piece);
-                    out.push((offset + piece, l as u32));
-                    piece += l;
-                }
-            }
+            Region::Tensor { offset, len } => out.extend(tensor_pieces(offset, len)),
             Region::Other { offset, len } => {
                 let part = &bytes[offset as usize..(offset + len) as usize];
                 for c in fastcdc::v2020::FastCDC::new(part, CDC_MIN, CDC_AVG, CDC_MAX) {
@@ -94,6 +87,15 @@ pub fn cut(bytes: &[u8], regions: &[Region]) -> Vec<(u64, u32)> {
         }
     }
     out
+}
+
+/// A tensor region's pieces: [`TENSOR_PIECE`] bytes each from its first
+/// byte, the last one shorter.
+fn tensor_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    (0..len.div_ceil(TENSOR_PIECE)).map(move |k| {
+        let at = k * TENSOR_PIECE;
+        (offset + at, TENSOR_PIECE.min(len - at) as u32)
+    })
 }
 
 /// The regions a content is cut into when nothing but its bytes is known:
@@ -131,13 +133,10 @@ pub fn canonical_key(src: &dyn Source) -> io::Result<Hash> {
     for region in canonical_regions(src) {
         match region {
             Region::Tensor { offset, len } => {
-                let mut piece = 0;
-                while piece < len {
-                    let l = TENSOR_PIECE.min(len - piece);
+                for (at, l) in tensor_pieces(offset, len) {
                     buf.resize(l as usize, 0);
-                    src.read_at(offset + piece, &mut buf)?;
-                    hashes.push((Hash::of(&buf), l as u32));
-                    piece += l;
+                    src.read_at(at, &mut buf)?;
+                    hashes.push((Hash::of(&buf), l));
                 }
             }
             Region::Other { offset, len } => {

@@ -294,39 +294,22 @@ fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
     out
 }
 
-/// Populate the page tables of `bytes[from..to]` (reading from disk what is
-/// not cached). Done for each batch before any thread touches it, because
-/// MADV_POPULATE_READ reports a file that shrank under the mapping as an
-/// error, where touching the missing pages would kill the process with
-/// SIGBUS. (A truncation between this call and the hashing still would: the
-/// import then dies like a `kill -9`, and publishes nothing.)
+/// Read `bytes[from..to]` of a source mapping in now. Done for each batch
+/// before any thread touches it, because MADV_POPULATE_READ reports a file
+/// that shrank under the mapping as an error, where touching the missing
+/// pages would kill the process with SIGBUS. (A truncation between this call
+/// and the hashing still would: the import then dies like a `kill -9`, and
+/// publishes nothing.)
 fn populate(bytes: &[u8], from: u64, to: u64) -> io::Result<()> {
-    const PAGE: u64 = 4096;
-    let start = from & !(PAGE - 1);
-    if to <= start {
-        return Ok(());
-    }
-    // SAFETY: the range lies inside the mapping `bytes` belongs to (its base
-    // is page-aligned, so rounding `from` down stays inside it); the call
-    // only faults pages in.
-    let rc = unsafe {
-        libc::madvise(
-            bytes.as_ptr().add(start as usize) as *mut libc::c_void,
-            (to - start) as usize,
-            libc::MADV_POPULATE_READ,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    Err(match e.raw_os_error() {
-        Some(libc::EFAULT) => io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "file shrank while being imported",
-        ),
-        _ => e,
-    })
+    crate::pages::advise(&bytes[from as usize..to as usize], libc::MADV_POPULATE_READ).map_err(
+        |e| match e.raw_os_error() {
+            Some(libc::EFAULT) => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while being imported",
+            ),
+            _ => e,
+        },
+    )
 }
 
 /// Group `chunks` into batches of about BATCH_BYTES: (first chunk, end chunk).
@@ -410,22 +393,12 @@ impl Candidate {
     }
 }
 
-/// Whether every page of `map[from..to]` is in the page cache.
-fn resident(map: &memmap2::Mmap, from: u64, to: u64) -> bool {
-    const PAGE: u64 = 4096;
-    let start = from & !(PAGE - 1);
-    let pages = (to - start).div_ceil(PAGE) as usize;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: the range lies inside the mapping (the caller checked `to`
-    // against its length; its base is page-aligned).
-    let rc = unsafe {
-        libc::mincore(
-            map.as_ptr().add(start as usize) as *mut libc::c_void,
-            (to - start) as usize,
-            vec.as_mut_ptr(),
-        )
-    };
-    rc == 0 && vec.iter().all(|v| v & 1 == 1)
+/// A chunk stored by the import in progress.
+#[derive(Clone, Copy)]
+struct PendingChunk {
+    object: ObjectId,
+    offset: u64,
+    fast: u64,
 }
 
 struct NewContent {
@@ -446,9 +419,8 @@ enum ContentRef {
 struct Ingest<'s> {
     store: &'s Store,
     next_object: ObjectId,
-    pending_chunks: HashMap<Hash, (ObjectId, u64)>,
-    /// Fingerprint of each chunk in `pending_chunks`, for `chunks.fast`.
-    pending_fast: HashMap<Hash, u64>,
+    /// Chunks this import stored: where, and their fingerprint (`chunks.fast`).
+    pending_chunks: HashMap<Hash, PendingChunk>,
     /// Committed objects mapped for comparing bytes (None: could not map).
     object_maps: HashMap<ObjectId, Option<Arc<memmap2::Mmap>>>,
     pending_contents: HashMap<Hash, usize>,
@@ -462,8 +434,8 @@ struct Ingest<'s> {
 
 impl Ingest<'_> {
     fn lookup_chunk(&self, hash: &Hash) -> Result<Option<(ObjectId, u64)>> {
-        if let Some(loc) = self.pending_chunks.get(hash) {
-            return Ok(Some(*loc));
+        if let Some(p) = self.pending_chunks.get(hash) {
+            return Ok(Some((p.object, p.offset)));
         }
         self.store.catalog().chunk(hash)
     }
@@ -490,7 +462,11 @@ impl Ingest<'_> {
             };
             let Some(map) = map else { continue };
             let end = offset + u64::from(len);
-            if end <= map.len() as u64 && resident(&map, offset, end) {
+            if end > map.len() as u64 {
+                continue;
+            }
+            let (resident, pages) = crate::pages::residency(&map[offset as usize..end as usize]);
+            if resident == pages {
                 return Ok(Some(Candidate {
                     hash,
                     object,
@@ -666,8 +642,14 @@ impl Ingest<'_> {
                         let w = object.as_mut().expect("just created");
                         let obj_off = w.assigned;
                         w.assigned += u64::from(len);
-                        self.pending_chunks.insert(hash, (w.id, obj_off));
-                        self.pending_fast.insert(hash, fast);
+                        self.pending_chunks.insert(
+                            hash,
+                            PendingChunk {
+                                object: w.id,
+                                offset: obj_off,
+                                fast,
+                            },
+                        );
                         segments.push(Segment {
                             hash,
                             object: w.id,
@@ -731,7 +713,7 @@ impl Ingest<'_> {
         if let Some(existing) = existing {
             // Identical to a stored file: keep nothing of this pass.
             if let Some(w) = object {
-                self.pending_chunks.retain(|_, (o, _)| *o != w.id);
+                self.pending_chunks.retain(|_, p| p.object != w.id);
                 drop(w.file);
                 std::fs::remove_file(&w.path).at(&w.path)?;
                 self.created.retain(|p| p != &w.path);
@@ -798,7 +780,6 @@ impl Store {
             store: self,
             next_object,
             pending_chunks: HashMap::new(),
-            pending_fast: HashMap::new(),
             object_maps: HashMap::new(),
             pending_contents: HashMap::new(),
             new_objects: Vec::new(),
@@ -921,14 +902,17 @@ impl Store {
                     for s in &c.segments {
                         // Only chunks this import stored enter the index; the
                         // rest are in it already.
-                        if ingest.pending_chunks.get(&s.hash) == Some(&(s.object, s.object_offset))
-                        {
+                        let stored_here = ingest
+                            .pending_chunks
+                            .get(&s.hash)
+                            .filter(|p| (p.object, p.offset) == (s.object, s.object_offset));
+                        if let Some(p) = stored_here {
                             chunk.execute(params![
                                 &s.hash.0[..],
                                 s.object as i64,
                                 s.object_offset as i64,
                                 s.len,
-                                ingest.pending_fast.get(&s.hash).map_or(0, |&f| f as i64)
+                                p.fast as i64
                             ])?;
                         }
                     }

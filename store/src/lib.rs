@@ -22,6 +22,7 @@ mod gc;
 mod import;
 pub mod locks;
 mod names;
+pub mod pages;
 mod read;
 pub mod recipe;
 pub mod trace;
