@@ -738,10 +738,9 @@ impl Vfs {
             resident += here;
             // A cold chunk is left to the page faults of the hash and the
             // copy and their readahead. An MADV_WILLNEED of the whole chunk
-            // here (issue 4) doubled the daemon's CPU per cold byte (0.09-0.14
-            // s -> 0.17-0.25 s per 256 MiB; the profile shows the page cache
-            // filled page by page through force_page_cache_ra) and made cold
-            // copy-mode reads slower, not faster.
+            // here (issue 4) filled the page cache page by page, cost the
+            // daemon about 1.5x the CPU per cold byte and made cold copy-mode
+            // reads slower (docs/benchmarks.md, "Copy-mode cold reads").
             if !open.check_segment(i, &self.verified_chunks) {
                 return Err(self.damaged(open, i, "chunk does not match its hash"));
             }
