@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-const SERVICE: &str = include_str!("../systemd/modelfs.service");
-const MOUNT_UNIT: &str = include_str!("../systemd/models.mount");
-const EXAMPLE_CONFIG: &str = include_str!("../systemd/config.toml");
+use modelfs_mount_helper::{EXAMPLE_CONFIG, MOUNT_UNIT, SERVICE_UNIT as SERVICE};
 const OPERATIONS: &str = include_str!("../../docs/operations.md");
 
 #[derive(clap::Args)]

@@ -1,16 +1,20 @@
 //! `modelfs`: the command-line tool that drives a modelfs store.
 //!
-//! It lives in `mount-helper/` because this one binary is what an operator
-//! installs: the same executable will also act as the mount helper
-//! (`mount.fuse.modelfs`) and the systemd service's `modelfs mount`, so the
-//! CLI, the helper and the unit files ship together.
+//! Why this crate exists: it is the one binary an operator installs. It
+//! parses commands, prints results (text for people, `--json` for scripts)
+//! and runs the mount daemon with its service duties (config file, logging,
+//! metrics, readiness). The work itself is the store's (import, read,
+//! verify, gc) and the fs crate's (the mount). Invoked as
+//! `mount.fuse.modelfs`, the same binary is the mount helper: the
+//! mount-helper crate translates mount(8)'s arguments into a `modelfs mount`
+//! command line, which is then parsed like any other.
 
 mod config;
-mod helper;
 mod install;
 mod output;
 mod service;
 
+use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use modelfs_mount_helper::HelperError;
 use modelfs_store::{default_model_name, default_store_dir, ImportOptions, ImportProgress, Store};
 
 #[derive(Parser)]
@@ -249,10 +254,14 @@ fn main() -> ExitCode {
         .unwrap_or("");
     let is_helper = program.starts_with("mount.");
     let cli = if is_helper {
-        match helper::parse(std::env::args_os().skip(1).collect()) {
+        match parse_helper_args(std::env::args_os().skip(1).collect()) {
             Ok(cli) => cli,
+            Err(HelperError::Help) => {
+                println!("{}", modelfs_mount_helper::USAGE);
+                return ExitCode::SUCCESS;
+            }
             Err(e) => {
-                eprintln!("{program}: {e:#}");
+                eprintln!("{program}: {e}");
                 return ExitCode::from(1);
             }
         }
@@ -282,6 +291,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `modelfs` arguments a helper invocation was translated into; the
+/// `--daemon` child is started with these.
+static HELPER_ARGS: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
+
+fn parse_helper_args(args: Vec<OsString>) -> Result<Cli, HelperError> {
+    let canonical = modelfs_mount_helper::translate(args)?;
+    let cli = Cli::try_parse_from(
+        std::iter::once(OsString::from("modelfs")).chain(canonical.iter().cloned()),
+    )
+    .map_err(|e| HelperError::Usage(e.to_string()))?;
+    let _ = HELPER_ARGS.set(canonical);
+    Ok(cli)
+}
+
+/// Arguments for the `--daemon` child: the same command without `--daemon`.
+fn args_without_daemon() -> Vec<OsString> {
+    let args: Vec<OsString> = match HELPER_ARGS.get() {
+        Some(c) => c.clone(),
+        None => std::env::args_os().skip(1).collect(),
+    };
+    args.into_iter().filter(|a| a != "--daemon").collect()
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -610,7 +642,7 @@ fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(helper::args_without_daemon())
+    cmd.args(args_without_daemon())
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
