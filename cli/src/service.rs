@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use modelfs_fs::vfs::LATENCY_BUCKETS_US;
+use modelfs_fs::stats::LATENCY_BUCKETS_US;
 use modelfs_fs::{Hooks, Vfs};
 use modelfs_store::{Store, Usage};
 use tracing::{info, warn};
@@ -173,7 +173,7 @@ fn serve_metrics(server: tiny_http::Server, vfs: Arc<Vfs>, store_root: PathBuf, 
             continue;
         }
         if let Some(store) = &store {
-            if let Ok(v) = store.catalog().data_version() {
+            if let Ok(v) = store.data_version() {
                 if v != cache.version || cache.usage.is_none() {
                     cache.usage = store.usage().ok();
                     cache.version = v;

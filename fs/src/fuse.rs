@@ -1,14 +1,12 @@
 //! The FUSE adapter: translates fuser requests into calls on [`Vfs`] and
-//! holds the per-open state the kernel protocol needs (file handles and
-//! passthrough backing ids). No filesystem logic lives here.
+//! [`Handles`] and their answers into replies. No filesystem logic lives
+//! here: what is decided is decided in the core, which is tested without a
+//! kernel mount.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -18,36 +16,20 @@ use fuser::{
     ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
-use modelfs_store::locks;
 use tracing::{info, warn};
 
-use crate::vfs::{Attr, OpenContent, OpenPlan, Vfs};
+use crate::handles::{Handles, Opened};
+use crate::vfs::{Attr, Vfs};
 
 /// Files never change once published, so the kernel may cache names and
 /// attributes for long; removals are pushed to it by invalidation.
 const TTL: Duration = Duration::from_secs(3600);
 
-enum Handle {
-    Copy(Arc<OpenContent>),
-    Passthrough(u64),
-    Generated(Vec<u8>),
-}
-
-/// A passthrough backing file shared by all opens of one inode.
-struct Backing {
-    id: BackingId,
-    _file: File,
-    opens: usize,
-}
-
 pub struct FuseFs {
     vfs: Arc<Vfs>,
     uid: u32,
     gid: u32,
-    /// Read on every request, written on open/release: a reader-writer lock.
-    handles: RwLock<HashMap<u64, Handle>>,
-    next_handle: AtomicU64,
-    backings: Mutex<HashMap<u64, Backing>>,
+    handles: Handles<BackingId>,
 }
 
 impl FuseFs {
@@ -58,9 +40,7 @@ impl FuseFs {
             vfs,
             uid,
             gid,
-            handles: RwLock::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
-            backings: Mutex::new(HashMap::new()),
+            handles: Handles::default(),
         }
     }
 
@@ -73,11 +53,7 @@ impl FuseFs {
             mtime: a.mtime,
             ctime: a.mtime,
             crtime: a.mtime,
-            kind: if a.is_dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
+            kind: kind(a),
             perm: a.perm,
             nlink: a.nlink,
             uid: self.uid,
@@ -87,33 +63,13 @@ impl FuseFs {
             flags: 0,
         }
     }
+}
 
-    fn add_handle(&self, h: Handle) -> u64 {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().expect("handles").insert(fh, h);
-        fh
-    }
-
-    /// Register (or reuse) the passthrough backing file of `ino`.
-    fn open_passthrough(&self, ino: u64, object: &Path, reply: &ReplyOpen) -> io::Result<()> {
-        let mut backings = self.backings.lock().expect("backings");
-        if let Some(b) = backings.get_mut(&ino) {
-            b.opens += 1;
-            return Ok(());
-        }
-        let file = File::open(object)?;
-        // Keep gc from punching holes while the kernel reads this object.
-        locks::share_object(&file)?;
-        let id = reply.open_backing(&file)?;
-        backings.insert(
-            ino,
-            Backing {
-                id,
-                _file: file,
-                opens: 1,
-            },
-        );
-        Ok(())
+fn kind(a: &Attr) -> FileType {
+    if a.is_dir {
+        FileType::Directory
+    } else {
+        FileType::RegularFile
     }
 }
 
@@ -164,71 +120,29 @@ impl Filesystem for FuseFs {
             reply.error(Errno::EROFS);
             return;
         }
-        let plan = match self.vfs.open(ino.0) {
-            Ok(p) => p,
-            Err(e) => return reply.error(errno(e)),
-        };
-        match plan {
-            OpenPlan::Passthrough { object, content_id } => {
-                match self.open_passthrough(ino.0, &object, &reply) {
-                    Ok(()) => {
-                        let fh = self.add_handle(Handle::Passthrough(ino.0));
-                        self.vfs
-                            .stats
-                            .passthrough_opens
-                            .fetch_add(1, Ordering::Relaxed);
-                        if let Some(f) = self.vfs.tree().files.get(&ino.0) {
-                            self.vfs
-                                .stats
-                                .passthrough_opened_bytes
-                                .fetch_add(f.content.size, Ordering::Relaxed);
-                        }
-                        let backings = self.backings.lock().expect("backings");
-                        let b = &backings[&ino.0];
-                        // KEEP_CACHE is not allowed with passthrough (the kernel
-                        // fails the open with EIO); the pages are the backing
-                        // object's, shared anyway.
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b.id);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        // Removed and collected since the tree was built, or
-                        // (content still listed) a lost object.
-                        if self.vfs.content_live(content_id) {
-                            reply.error(Errno::EIO);
-                        } else {
-                            reply.error(Errno::ENOENT);
-                        }
-                    }
-                    Err(e) => {
-                        // Without CAP_SYS_ADMIN the kernel refuses backing
-                        // files: serve this and every later open in copy mode.
-                        warn!(
-                            content_id,
-                            "passthrough open failed ({e}); switching to copy mode"
-                        );
-                        self.vfs.disable_passthrough();
-                        match self.vfs.open(ino.0) {
-                            Ok(OpenPlan::Copy(c)) => {
-                                let fh = self.add_handle(Handle::Copy(c));
-                                self.vfs.stats.copy_opens.fetch_add(1, Ordering::Relaxed);
-                                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                            }
-                            Ok(_) => reply.error(Errno::EIO),
-                            Err(e) => reply.error(errno(e)),
-                        }
-                    }
+        let opened = self
+            .handles
+            .open(&self.vfs, ino.0, |file| reply.open_backing(file));
+        match opened {
+            Ok((fh, Opened::Passthrough)) => {
+                // KEEP_CACHE is not allowed with passthrough (the kernel
+                // fails the open with EIO); the pages are the backing
+                // object's, shared anyway.
+                let replied = self.handles.with_backing(ino.0, |id| {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, id)
+                });
+                if replied.is_none() {
+                    // Released in between (cannot happen for an open the
+                    // kernel has not seen yet); never leave the kernel waiting.
+                    warn!(ino = ino.0, "backing file vanished during open");
                 }
             }
-            OpenPlan::Copy(c) => {
-                let fh = self.add_handle(Handle::Copy(c));
-                self.vfs.stats.copy_opens.fetch_add(1, Ordering::Relaxed);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            Ok((fh, Opened::Copy)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            // Fresh content on every open, whatever the size in getattr.
+            Ok((fh, Opened::Generated)) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
-            OpenPlan::Generated(bytes) => {
-                let fh = self.add_handle(Handle::Generated(bytes));
-                // Fresh content on every open, whatever the size in getattr.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-            }
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -243,32 +157,9 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let handle = {
-            let handles = self.handles.read().expect("handles");
-            match handles.get(&fh.0) {
-                Some(Handle::Copy(c)) => Ok(c.clone()),
-                Some(Handle::Generated(bytes)) => {
-                    let start = (offset as usize).min(bytes.len());
-                    let end = (start + size as usize).min(bytes.len());
-                    Err(Some(bytes[start..end].to_vec()))
-                }
-                // The kernel reads passthrough files itself.
-                Some(Handle::Passthrough(_)) | None => Err(None),
-            }
-        };
-        match handle {
-            Ok(open) => {
-                let started = std::time::Instant::now();
-                match self.vfs.read(&open, offset, size) {
-                    Ok(out) => reply.data(out.as_slice()),
-                    Err(e) => reply.error(errno(e)),
-                }
-                self.vfs
-                    .stats
-                    .record_read_latency(started.elapsed().as_micros() as u64);
-            }
-            Err(Some(bytes)) => reply.data(&bytes),
-            Err(None) => reply.error(Errno::EBADF),
+        match self.handles.read(&self.vfs, fh.0, offset, size) {
+            Ok(out) => reply.data(out.as_slice()),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -282,19 +173,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let removed = self.handles.write().expect("handles").remove(&fh.0);
-        if let Some(Handle::Copy(open)) = &removed {
-            self.vfs.release(open);
-        }
-        if let Some(Handle::Passthrough(ino)) = removed {
-            let mut backings = self.backings.lock().expect("backings");
-            if let Some(b) = backings.get_mut(&ino) {
-                b.opens -= 1;
-                if b.opens == 0 {
-                    backings.remove(&ino);
-                }
-            }
-        }
+        self.handles.release(&self.vfs, fh.0);
         reply.ok();
     }
 
@@ -306,16 +185,11 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.vfs.readdir(ino.0) else {
+        let Some(entries) = self.vfs.dir_entries(ino.0, offset) else {
             return reply.error(Errno::ENOENT);
         };
-        for (i, (child, is_dir, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = if *is_dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+        for e in entries {
+            if reply.add(INodeNo(e.attr.ino), e.next_offset, kind(&e.attr), &e.name) {
                 break;
             }
         }
@@ -356,24 +230,13 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(entries) = self.vfs.readdir(ino.0) else {
+        let Some(entries) = self.vfs.dir_entries(ino.0, offset) else {
             return reply.error(Errno::ENOENT);
         };
-        let tree = self.vfs.tree();
-        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
-            // Gone in a refresh between the two snapshots: leave it out.
-            let Some(attr) = self.vfs.attr(&tree, *child) else {
-                continue;
-            };
-            let attr = self.file_attr(&attr);
-            if reply.add(
-                INodeNo(*child),
-                (i + 1) as u64,
-                name,
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+        for e in entries {
+            let attr = self.file_attr(&e.attr);
+            let ino = INodeNo(e.attr.ino);
+            if reply.add(ino, e.next_offset, &e.name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }

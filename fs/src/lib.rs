@@ -13,9 +13,12 @@
 //! recipe files are served from memory-mapped objects with per-chunk checks.
 
 pub mod fuse;
+pub mod handles;
 pub mod mount;
+mod open_content;
 pub mod pin;
 mod prefetch;
+pub mod stats;
 pub mod tree;
 pub mod vfs;
 
@@ -23,4 +26,5 @@ pub use mount::{
     check_mountpoint, lazy_unmount, mount, mount_entry, Hooks, MountConfig, MountError, NoHooks,
     Passthrough,
 };
-pub use vfs::Vfs;
+pub use stats::{ModelStats, MountStats, ServingMode};
+pub use vfs::{Vfs, VfsConfig};

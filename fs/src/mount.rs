@@ -11,7 +11,7 @@ use fuser::{Config, INodeNo, MountOption, SessionACL};
 use tracing::{error, info, warn};
 
 use crate::fuse::FuseFs;
-use crate::vfs::Vfs;
+use crate::vfs::{Vfs, VfsConfig};
 
 /// How whole-file objects are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,9 +201,11 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
         .map_err(|e| MountError::MountPoint(cfg.mountpoint.clone(), e.to_string()))?;
     let vfs = Arc::new(Vfs::new(
         &cfg.store,
-        cfg.passthrough == Passthrough::Auto,
-        cfg.pin_budget,
-        cfg.prefetch_window,
+        &VfsConfig {
+            passthrough: cfg.passthrough == Passthrough::Auto,
+            pin_budget: cfg.pin_budget,
+            prefetch_window: cfg.prefetch_window,
+        },
     )?);
     vfs.start_pin_worker();
 

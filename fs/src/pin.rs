@@ -11,12 +11,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
 
 use modelfs_cache::{Access, BlockId, Policy, Resident, SharedAwarePolicy};
+use modelfs_store::{ContentInfo, MappedObject, ObjectId};
 use tracing::warn;
 
-use crate::vfs::MappedObject;
+use crate::vfs::Vfs;
 
 /// Counters for stats.json and metrics.
 #[derive(Debug, Default)]
@@ -80,7 +82,7 @@ impl Pinner {
     pub fn access(
         &self,
         object: &Arc<MappedObject>,
-        object_id: u64,
+        object_id: ObjectId,
         offset: u64,
         len: u64,
         refs: u32,
@@ -88,7 +90,7 @@ impl Pinner {
         if self.budget() == 0 {
             return;
         }
-        let block = BlockId::new(object_id, offset);
+        let block = BlockId::new(object_id.0, offset);
         let mut inner = self.inner.lock().expect("pin lock");
         let Inner {
             policy,
@@ -103,7 +105,11 @@ impl Pinner {
             Access::Miss { admitted } => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 if admitted {
-                    if object.lock_range(offset, len) {
+                    let locked_now = object.lock_range(offset, len);
+                    if let Err(e) = &locked_now {
+                        warn_lock_failure(e);
+                    }
+                    if locked_now.is_ok() {
                         locked.insert(
                             block,
                             Locked {
@@ -129,12 +135,12 @@ impl Pinner {
     }
 
     /// Every pinned block: (object, offset) -> bytes locked.
-    pub fn pinned_blocks(&self) -> HashMap<(u64, u64), u64> {
+    pub fn pinned_blocks(&self) -> HashMap<(ObjectId, u64), u64> {
         let inner = self.inner.lock().expect("pin lock");
         inner
             .locked
             .iter()
-            .map(|(b, l)| ((b.object, b.offset), l.len))
+            .map(|(b, l)| ((ObjectId(b.object), b.offset), l.len))
             .collect()
     }
 
@@ -155,9 +161,27 @@ impl Pinner {
 }
 
 /// Warn once if locking fails for lack of RLIMIT_MEMLOCK.
-pub(crate) fn warn_lock_failure(err: std::io::Error) {
+fn warn_lock_failure(err: &std::io::Error) {
     static WARNED: std::sync::Once = std::sync::Once::new();
     WARNED.call_once(|| {
         warn!("cannot lock pinned chunks in memory ({err}); raise RLIMIT_MEMLOCK (LimitMEMLOCK= under systemd) or lower --pin-budget");
     });
+}
+
+/// Start the worker that pins the chunks of files opened by passthrough:
+/// the daemon never sees their reads, so it considers them at open, in file
+/// order, off the request path (locking faults pages in from disk). Returns
+/// the queue opens are sent to; the worker ends with the mount.
+pub(crate) fn spawn_worker(vfs: Weak<Vfs>) -> mpsc::Sender<Arc<ContentInfo>> {
+    let (tx, rx) = mpsc::channel::<Arc<ContentInfo>>();
+    std::thread::Builder::new()
+        .name("pin-worker".into())
+        .spawn(move || {
+            for content in rx {
+                let Some(vfs) = vfs.upgrade() else { break };
+                vfs.pin_content(&content);
+            }
+        })
+        .expect("spawn pin worker");
+    tx
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use modelfs_store::LoadTrace;
 
-use crate::vfs::OpenContent;
+use crate::open_content::OpenContent;
 
 /// Bytes of chunks per read-ahead step: large enough for efficient disk
 /// requests, small enough that hashing a step keeps up with the reader.
@@ -32,18 +32,14 @@ const STEP_BYTES: u64 = 8 << 20;
 
 /// The chunks (segment indices) to bring in, grouped into steps, in trace order.
 fn plan(open: &OpenContent, trace: &LoadTrace) -> Vec<Vec<usize>> {
-    let segments = &open.content.segments;
+    let reader = &open.reader;
+    let segments = reader.segments();
     let mut planned = vec![false; segments.len()];
     let mut steps: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut current_bytes = 0u64;
     for &(offset, len) in &trace.ranges {
-        let end = offset.saturating_add(len);
-        let mut i = match open.starts.binary_search(&offset) {
-            Ok(i) => i,
-            Err(i) => i.saturating_sub(1),
-        };
-        while i < segments.len() && open.starts[i] < end {
+        for i in reader.segments_in(offset, offset.saturating_add(len)) {
             if !planned[i] {
                 planned[i] = true;
                 current.push(i);
@@ -53,7 +49,6 @@ fn plan(open: &OpenContent, trace: &LoadTrace) -> Vec<Vec<usize>> {
                     current_bytes = 0;
                 }
             }
-            i += 1;
         }
     }
     if !current.is_empty() {
@@ -67,8 +62,8 @@ fn plan(open: &OpenContent, trace: &LoadTrace) -> Vec<Vec<usize>> {
 fn issue(open: &OpenContent, step: &[usize]) -> u64 {
     let mut missing = 0;
     for &i in step {
-        let s = &open.content.segments[i];
-        let obj = &open.objects[&s.object];
+        let s = &open.reader.segments()[i];
+        let obj = open.reader.object_of(i);
         let len = u64::from(s.len);
         let resident = obj.resident_bytes(s.object_offset, len);
         if resident < len {
@@ -114,7 +109,7 @@ fn replay(open: &OpenContent, trace: &LoadTrace, window: u64) {
             .fetch_add(fetched, Ordering::Relaxed);
         issued += step
             .iter()
-            .map(|&i| u64::from(open.content.segments[i].len))
+            .map(|&i| u64::from(open.reader.segments()[i].len))
             .sum::<u64>();
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use modelfs_store::{ContentInfo, Snapshot, RESERVED_NAME};
+use modelfs_store::{ContentId, ContentInfo, ObjectId, Snapshot, RESERVED_NAME};
 
 pub const ROOT_INO: u64 = 1;
 /// `.modelfs/` at the root, and `.modelfs/stats.json` in it.
@@ -48,16 +48,16 @@ pub struct Tree {
     pub models: usize,
     pub logical_bytes: u64,
     /// For each chunk location (object, offset): how many models reference it.
-    pub chunk_refs: HashMap<(u64, u64), u32>,
+    pub chunk_refs: HashMap<(ObjectId, u64), u32>,
     /// (name, import time) of every model: imports and removals between two
     /// trees are the differences.
     pub model_imports: std::collections::HashSet<(String, i64)>,
     /// Content ids of each model's files (each once), for per-model stats.
-    pub model_contents: BTreeMap<String, Vec<i64>>,
+    pub model_contents: BTreeMap<String, Vec<ContentId>>,
 }
 
-pub fn file_ino(content_id: i64) -> u64 {
-    FILE_INO_BASE + content_id as u64
+pub fn file_ino(content_id: ContentId) -> u64 {
+    FILE_INO_BASE + content_id.0 as u64
 }
 
 fn dir_ino(path: &str) -> u64 {
@@ -115,7 +115,7 @@ impl Tree {
         entries.sort_by_key(|(_, e)| !e.is_dir);
         // Distinct models per chunk: walk files model by model and count a
         // chunk once per model.
-        let mut last_model: HashMap<(u64, u64), i64> = HashMap::new();
+        let mut last_model: HashMap<(ObjectId, u64), i64> = HashMap::new();
         let mut by_model: Vec<&(i64, modelfs_store::EntryInfo)> =
             snap.entries.iter().filter(|(_, e)| !e.is_dir).collect();
         by_model.sort_by_key(|(m, _)| *m);
@@ -245,12 +245,12 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelfs_store::{EntryInfo, Hash, ModelInfo};
+    use modelfs_store::{ContentKey, EntryInfo, ModelInfo};
 
     fn content(id: i64) -> ContentInfo {
         ContentInfo {
-            id,
-            hash: Hash::of(&id.to_le_bytes()),
+            id: ContentId(id),
+            hash: ContentKey([id as u8; 32]),
             size: 10,
             whole_object: None,
             format: None,
@@ -273,7 +273,7 @@ mod tests {
         EntryInfo {
             path: path.into(),
             is_dir: false,
-            content: Some(content),
+            content: Some(ContentId(content)),
             mode: 0o444,
         }
     }
@@ -296,7 +296,7 @@ mod tests {
                 (2, file("sub/w.bin", 7)),
                 (2, file("c.json", 8)),
             ],
-            contents: [(7, content(7)), (8, content(8))].into(),
+            contents: [(ContentId(7), content(7)), (ContentId(8), content(8))].into(),
         };
         let t = Tree::build(&snap, UNIX_EPOCH);
         let a = t.dirs[&ROOT_INO].children["a"];
@@ -304,10 +304,10 @@ mod tests {
         let b = t.dirs[&org].children["b"];
         let sub = t.dirs[&b].children["sub"];
         assert_eq!(t.dirs[&a].children["w.bin"], t.dirs[&sub].children["w.bin"]);
-        assert_eq!(t.files[&file_ino(7)].nlink, 2);
+        assert_eq!(t.files[&file_ino(ContentId(7))].nlink, 2);
         assert_eq!(t.dirs[&b].subdirs, 1);
         assert_eq!(
-            t.files[&file_ino(7)].mtime,
+            t.files[&file_ino(ContentId(7))].mtime,
             UNIX_EPOCH + Duration::from_secs(1)
         );
         // Rebuilding gives the same numbers: inodes are derived, not allocated.

@@ -9,10 +9,10 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::BufReader;
 
-use modelfs_store::{Hash, CDC_AVG, CDC_MAX, CDC_MIN};
+use modelfs_store::{ChunkHash, CDC_AVG, CDC_MAX, CDC_MIN};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut seen: HashSet<Hash> = HashSet::new();
+    let mut seen: HashSet<ChunkHash> = HashSet::new();
     let (mut logical, mut stored, mut chunks) = (0u64, 0u64, 0u64);
     for path in std::env::args().skip(1) {
         let file = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let chunk = chunk.map_err(|e| format!("{path}: {e}"))?;
             logical += chunk.length as u64;
             chunks += 1;
-            if seen.insert(Hash::of(&chunk.data)) {
+            if seen.insert(ChunkHash::of(&chunk.data)) {
                 stored += chunk.length as u64;
             }
         }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::error::{Error, Result};
-use crate::recipe::{self, Hash, ObjectId, Segment};
+use crate::ids::{ChunkHash, ContentId, ContentKey, ObjectId};
+use crate::recipe::{self, Segment};
 
 /// Version of the catalog schema written to `meta.schema_version`.
 /// 2: `contents.hash` is the content key (BLAKE3 over the chunk list,
@@ -69,7 +70,7 @@ CREATE INDEX IF NOT EXISTS entries_by_content ON entries(content);
 pub const KIND_FILE: i64 = 0;
 pub const KIND_DIR: i64 = 1;
 
-pub struct Catalog {
+pub(crate) struct Catalog {
     pub(crate) conn: Connection,
     pub(crate) path: PathBuf,
 }
@@ -92,15 +93,15 @@ pub struct ModelInfo {
 pub struct EntryInfo {
     pub path: String,
     pub is_dir: bool,
-    pub content: Option<i64>,
+    pub content: Option<ContentId>,
     pub mode: u32,
 }
 
 /// A distinct file content.
 #[derive(Debug, Clone)]
 pub struct ContentInfo {
-    pub id: i64,
-    pub hash: Hash,
+    pub id: ContentId,
+    pub hash: ContentKey,
     pub size: u64,
     /// Set when an object file exists that is byte-identical to this content.
     pub whole_object: Option<ObjectId>,
@@ -243,7 +244,7 @@ impl Catalog {
         })
     }
 
-    pub fn content(&self, id: i64) -> Result<ContentInfo> {
+    pub fn content(&self, id: ContentId) -> Result<ContentInfo> {
         let row = self.sql(|c| {
             c.prepare_cached(
                 "SELECT id, hash, size, whole_object, format, recipe FROM contents WHERE id = ?1",
@@ -275,20 +276,20 @@ impl Catalog {
                 self.path.display()
             ))
         };
-        let hash = Hash::from_slice(&hash).ok_or_else(|| corrupt("a malformed hash"))?;
+        let hash = ContentKey::from_slice(&hash).ok_or_else(|| corrupt("a malformed hash"))?;
         let segments = recipe::decode(&blob).ok_or_else(|| corrupt("a malformed recipe"))?;
         Ok(ContentInfo {
             id,
             hash,
             size: u64::try_from(size).map_err(|_| corrupt("a negative size"))?,
-            whole_object: whole.map(|w| w as u64),
+            whole_object: whole.map(|w| ObjectId(w as u64)),
             format,
             segments,
         })
     }
 
     /// Whether a content row still exists (gc deletes rows before it frees bytes).
-    pub fn content_exists(&self, id: i64) -> Result<bool> {
+    pub fn content_exists(&self, id: ContentId) -> Result<bool> {
         self.sql(|c| {
             c.prepare_cached("SELECT 1 FROM contents WHERE id = ?1")?
                 .query_row([id], |_| Ok(()))
@@ -299,7 +300,7 @@ impl Catalog {
 
     /// The next object id: never one used before, even if gc deleted it,
     /// because a running mount may still map the old object under that id.
-    pub fn next_object_id(&self) -> Result<u64> {
+    pub fn next_object_id(&self) -> Result<ObjectId> {
         self.sql(|c| {
             c.query_row(
                 "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'objects'), 0),
@@ -308,23 +309,23 @@ impl Catalog {
                 |r| r.get::<_, i64>(0),
             )
         })
-        .map(|v| v as u64)
+        .map(|v| ObjectId(v as u64))
     }
 
-    pub fn content_by_hash(&self, hash: &Hash) -> Result<Option<i64>> {
+    pub fn content_by_hash(&self, hash: &ContentKey) -> Result<Option<ContentId>> {
         self.sql(|c| {
             c.prepare_cached("SELECT id FROM contents WHERE hash = ?1")?
-                .query_row([&hash.0[..]], |r| r.get(0))
+                .query_row([hash], |r| r.get(0))
                 .optional()
         })
     }
 
     /// Where an already-stored chunk lives, if it is stored.
-    pub fn chunk(&self, hash: &Hash) -> Result<Option<(ObjectId, u64)>> {
+    pub fn chunk(&self, hash: &ChunkHash) -> Result<Option<(ObjectId, u64)>> {
         self.sql(|c| {
             c.prepare_cached("SELECT object, offset FROM chunks WHERE hash = ?1")?
-                .query_row([&hash.0[..]], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                .query_row([hash], |r| {
+                    Ok((r.get::<_, ObjectId>(0)?, r.get::<_, i64>(1)? as u64))
                 })
                 .optional()
         })
@@ -332,7 +333,11 @@ impl Catalog {
 
     /// Stored chunks of length `len` whose fingerprint is `fast` (candidates for
     /// holding the same bytes; only comparing the bytes tells).
-    pub fn chunks_by_fast(&self, fast: u64, len: u32) -> Result<Vec<(Hash, ObjectId, u64)>> {
+    pub fn chunks_by_fast(
+        &self,
+        fast: u64,
+        len: u32,
+    ) -> Result<Vec<(ChunkHash, ObjectId, u64)>> {
         self.sql(|c| {
             let mut st = c.prepare_cached(
                 "SELECT hash, object, offset FROM chunks WHERE fast = ?1 AND length = ?2 LIMIT 4",
@@ -340,7 +345,7 @@ impl Catalog {
             let rows = st.query_map(rusqlite::params![fast as i64, len], |r| {
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, ObjectId>(1)?,
                     r.get::<_, i64>(2)? as u64,
                 ))
             })?;
@@ -348,13 +353,13 @@ impl Catalog {
         })
         .map(|rows| {
             rows.into_iter()
-                .filter_map(|(h, o, off)| Some((Hash::from_slice(&h)?, o, off)))
+                .filter_map(|(h, o, off)| Some((ChunkHash::from_slice(&h)?, o, off)))
                 .collect()
         })
     }
 
     /// (model name, file path) of every entry that uses a content.
-    pub fn users_of_content(&self, content: i64) -> Result<Vec<(String, String)>> {
+    pub fn users_of_content(&self, content: ContentId) -> Result<Vec<(String, String)>> {
         self.sql(|c| {
             let mut st = c.prepare_cached(
                 "SELECT m.name, e.path FROM entries e JOIN models m ON m.id = e.model
@@ -370,14 +375,14 @@ impl Catalog {
         self.sql(|c| {
             let mut st = c.prepare("SELECT id, size FROM objects ORDER BY id")?;
             let rows = st.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                Ok((r.get::<_, ObjectId>(0)?, r.get::<_, i64>(1)? as u64))
             })?;
             rows.collect()
         })
     }
 
     /// (model id, content id) for every file entry: who references what.
-    pub fn file_references(&self) -> Result<Vec<(i64, i64)>> {
+    pub fn file_references(&self) -> Result<Vec<(i64, ContentId)>> {
         self.sql(|c| {
             let mut st =
                 c.prepare("SELECT model, content FROM entries WHERE content IS NOT NULL")?;
@@ -389,7 +394,7 @@ impl Catalog {
 
 /// A `contents` row as stored (id, hash, size, whole_object, format, recipe),
 /// decoded and checked by `Catalog::content_from_row`.
-type RawContent = (i64, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>);
+type RawContent = (ContentId, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>);
 
 fn raw_content(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawContent> {
     Ok((
@@ -428,7 +433,7 @@ pub struct Snapshot {
     pub models: Vec<ModelInfo>,
     /// (model id, entry) for every entry of every model.
     pub entries: Vec<(i64, EntryInfo)>,
-    pub contents: std::collections::HashMap<i64, ContentInfo>,
+    pub contents: std::collections::HashMap<ContentId, ContentInfo>,
 }
 
 impl Catalog {

@@ -12,7 +12,8 @@ use std::io::{self, Read};
 use modelfs_formats::{Source, TensorSpan};
 use rayon::prelude::*;
 
-use crate::recipe::{content_key, Hash};
+use crate::ids::{ChunkHash, ContentKey};
+use crate::recipe::content_key;
 
 /// Size of the pieces large tensors are cut into. 1 MiB matches the size of
 /// the mount's read requests, so a copy-mode read verifies about one chunk.
@@ -112,13 +113,13 @@ pub fn canonical_regions(src: &dyn Source) -> Vec<Region> {
 
 /// The content key of an in-memory (or mapped) content: its canonical
 /// chunks hashed on all cores, then [`content_key`] over them.
-pub fn canonical_key_of_bytes(bytes: &[u8]) -> Hash {
+pub fn canonical_key_of_bytes(bytes: &[u8]) -> ContentKey {
     let chunks = cut(bytes, &canonical_regions(&bytes));
-    let hashes: Vec<(Hash, u32)> = chunks
+    let hashes: Vec<(ChunkHash, u32)> = chunks
         .par_iter()
         .map(|&(off, len)| {
             let at = off as usize;
-            (Hash::of(&bytes[at..at + len as usize]), len)
+            (ChunkHash::of(&bytes[at..at + len as usize]), len)
         })
         .collect();
     content_key(hashes.iter().copied())
@@ -127,8 +128,8 @@ pub fn canonical_key_of_bytes(bytes: &[u8]) -> Hash {
 /// The content key of a content read through `src` piece by piece, for
 /// checking a content whose stored recipe is not its canonical chunking
 /// (see store-format §3) without holding it in memory.
-pub fn canonical_key(src: &dyn Source) -> io::Result<Hash> {
-    let mut hashes: Vec<(Hash, u32)> = Vec::new();
+pub fn canonical_key(src: &dyn Source) -> io::Result<ContentKey> {
+    let mut hashes: Vec<(ChunkHash, u32)> = Vec::new();
     let mut buf = Vec::new();
     for region in canonical_regions(src) {
         match region {
@@ -136,7 +137,7 @@ pub fn canonical_key(src: &dyn Source) -> io::Result<Hash> {
                 for (at, l) in tensor_pieces(offset, len) {
                     buf.resize(l as usize, 0);
                     src.read_at(at, &mut buf)?;
-                    hashes.push((Hash::of(&buf), l));
+                    hashes.push((ChunkHash::of(&buf), l));
                 }
             }
             Region::Other { offset, len } => {
@@ -150,7 +151,7 @@ pub fn canonical_key(src: &dyn Source) -> io::Result<Hash> {
                         fastcdc::v2020::Error::IoError(e) => e,
                         other => io::Error::other(other.to_string()),
                     })?;
-                    hashes.push((Hash::of(&c.data), c.length as u32));
+                    hashes.push((ChunkHash::of(&c.data), c.length as u32));
                 }
             }
         }

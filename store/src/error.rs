@@ -30,6 +30,14 @@ pub enum Error {
     NoSuchFile { model: String, path: String },
     #[error("{0}")]
     Corrupt(String),
+    /// An object file the catalog refers to does not exist: damage, unless
+    /// the content that used it was removed and collected meanwhile.
+    #[error("object {} is missing", path.display())]
+    ObjectMissing { path: PathBuf },
+    /// The content was removed (and may have been collected) while it was
+    /// being opened.
+    #[error("the file was removed from the store")]
+    ContentRemoved,
     #[error("{path}: not a modelfs store ({reason})")]
     NotAStore { path: PathBuf, reason: String },
 }

@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 
 use crate::error::{IoContext, Result};
 use crate::locks;
-use crate::recipe::{Hash, ObjectId};
+use crate::ids::{ChunkHash, ObjectId};
 use crate::Store;
 
 const BLOCK: u64 = 4096;
@@ -54,7 +54,7 @@ impl Store {
             .map_err(|e| catalog.err(e))? as u64;
         let contents = catalog.all_contents()?;
         let mut live: HashMap<ObjectId, Vec<(u64, u64)>> = HashMap::new();
-        let mut live_chunks: HashSet<Hash> = HashSet::new();
+        let mut live_chunks: HashSet<ChunkHash> = HashSet::new();
         for c in &contents {
             for s in &c.segments {
                 live.entry(s.object)
@@ -76,7 +76,7 @@ impl Store {
                 .prepare("DELETE FROM chunks WHERE hash = ?1")
                 .map_err(|e| catalog.err(e))?;
             for h in all_chunks {
-                if Hash::from_slice(&h).is_none_or(|h| !live_chunks.contains(&h)) {
+                if ChunkHash::from_slice(&h).is_none_or(|h| !live_chunks.contains(&h)) {
                     del.execute([&h]).map_err(|e| catalog.err(e))?;
                     report.chunks_removed += 1;
                 }
@@ -86,7 +86,7 @@ impl Store {
                 .map_err(|e| catalog.err(e))?;
             for (id, _) in catalog.objects()? {
                 if !live.contains_key(&id) {
-                    del.execute([id as i64]).map_err(|e| catalog.err(e))?;
+                    del.execute([id]).map_err(|e| catalog.err(e))?;
                 }
             }
         }

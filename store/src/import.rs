@@ -31,8 +31,10 @@ use crate::catalog::{KIND_DIR, KIND_FILE};
 use crate::chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::names::{check_relative_path, is_ancestor, validate_model_name};
+use crate::object::MappedObject;
 use crate::recipe::fingerprint;
-use crate::recipe::{self, Hash, ObjectId, Segment};
+use crate::ids::{ChunkHash, ContentId, ContentKey, ObjectId};
+use crate::recipe::{self, Segment};
 use crate::{fsync_dir, Store};
 
 /// Bytes read per batch. Large enough that per-batch overheads (channel hops,
@@ -381,15 +383,16 @@ fn write_runs(jobs: mpsc::Receiver<WriteJob>, source: &[u8]) -> Result<u64> {
 
 /// A stored chunk that a new chunk may duplicate (same fingerprint and length).
 struct Candidate {
-    hash: Hash,
+    hash: ChunkHash,
     object: ObjectId,
     offset: u64,
-    map: Arc<memmap2::Mmap>,
+    object_map: Arc<MappedObject>,
 }
 
 impl Candidate {
     fn bytes(&self, len: u32) -> &[u8] {
-        &self.map[self.offset as usize..self.offset as usize + len as usize]
+        let at = self.offset as usize;
+        &self.object_map.bytes()[at..at + len as usize]
     }
 }
 
@@ -402,7 +405,7 @@ struct PendingChunk {
 }
 
 struct NewContent {
-    hash: Hash,
+    hash: ContentKey,
     size: u64,
     whole_object: Option<ObjectId>,
     format: Option<String>,
@@ -411,7 +414,7 @@ struct NewContent {
 
 #[derive(Clone, Copy)]
 enum ContentRef {
-    Existing(i64),
+    Existing(ContentId),
     New(usize),
 }
 
@@ -420,10 +423,10 @@ struct Ingest<'s> {
     store: &'s Store,
     next_object: ObjectId,
     /// Chunks this import stored: where, and their fingerprint (`chunks.fast`).
-    pending_chunks: HashMap<Hash, PendingChunk>,
+    pending_chunks: HashMap<ChunkHash, PendingChunk>,
     /// Committed objects mapped for comparing bytes (None: could not map).
-    object_maps: HashMap<ObjectId, Option<Arc<memmap2::Mmap>>>,
-    pending_contents: HashMap<Hash, usize>,
+    object_maps: HashMap<ObjectId, Option<Arc<MappedObject>>>,
+    pending_contents: HashMap<ContentKey, usize>,
     new_objects: Vec<(ObjectId, u64, bool)>,
     new_contents: Vec<NewContent>,
     /// Object files created by this import: deleted again if it fails.
@@ -433,7 +436,7 @@ struct Ingest<'s> {
 }
 
 impl Ingest<'_> {
-    fn lookup_chunk(&self, hash: &Hash) -> Result<Option<(ObjectId, u64)>> {
+    fn lookup_chunk(&self, hash: &ChunkHash) -> Result<Option<(ObjectId, u64)>> {
         if let Some(p) = self.pending_chunks.get(hash) {
             return Ok(Some((p.object, p.offset)));
         }
@@ -449,29 +452,24 @@ impl Ingest<'_> {
             let map = match self.object_maps.get(&object) {
                 Some(m) => m.clone(),
                 None => {
-                    let path = self.store.object_path(object);
-                    // SAFETY: a committed object is never written again, and
-                    // gc (which punches holes) waits for our writer lock.
-                    let m = File::open(&path)
-                        .and_then(|f| unsafe { memmap2::Mmap::map(&f) })
-                        .ok()
-                        .map(Arc::new);
+                    // An object that cannot be mapped only means no
+                    // candidate: the chunk is hashed instead.
+                    let m = self.store.map_object(object).ok().map(Arc::new);
                     self.object_maps.insert(object, m.clone());
                     m
                 }
             };
-            let Some(map) = map else { continue };
-            let end = offset + u64::from(len);
-            if end > map.len() as u64 {
+            let Some(object_map) = map else { continue };
+            let Some(bytes) = object_map.range(offset, u64::from(len)) else {
                 continue;
-            }
-            let (resident, pages) = crate::pages::residency(&map[offset as usize..end as usize]);
+            };
+            let (resident, pages) = crate::pages::residency(bytes);
             if resident == pages {
                 return Ok(Some(Candidate {
                     hash,
                     object,
                     offset,
-                    map,
+                    object_map,
                 }));
             }
         }
@@ -480,7 +478,7 @@ impl Ingest<'_> {
 
     fn new_object(&mut self) -> Result<ObjectWriter> {
         let id = self.next_object;
-        self.next_object += 1;
+        self.next_object.0 += 1;
         let path = self.store.object_path(id);
         let dir = path
             .parent()
@@ -601,7 +599,7 @@ impl Ingest<'_> {
                         .zip(&fast)
                         .map(|(&(_, len), &f)| self.resident_candidate(f, len))
                         .collect::<Result<Vec<_>>>()?;
-                    let resolved: Vec<(Hash, Option<(ObjectId, u64)>)> = batch
+                    let resolved: Vec<(ChunkHash, Option<(ObjectId, u64)>)> = batch
                         .par_iter()
                         .zip(candidates.par_iter())
                         .map(|(&(off, len), candidate)| {
@@ -610,7 +608,7 @@ impl Ingest<'_> {
                                 Some(c) if c.bytes(len) == mine => {
                                     (c.hash, Some((c.object, c.offset)))
                                 }
-                                _ => (Hash::of(mine), None),
+                                _ => (ChunkHash::of(mine), None),
                             }
                         })
                         .collect();
@@ -879,7 +877,7 @@ impl Store {
                 let mut ins =
                     tx.prepare("INSERT INTO objects(id, size, whole) VALUES (?1, ?2, ?3)")?;
                 for &(id, size, whole) in &ingest.new_objects {
-                    ins.execute(params![id as i64, size as i64, whole])?;
+                    ins.execute(params![id, size as i64, whole])?;
                 }
             }
             let mut content_ids = Vec::with_capacity(ingest.new_contents.len());
@@ -894,11 +892,11 @@ impl Store {
                     ins.execute(params![
                         &c.hash.0[..],
                         c.size as i64,
-                        c.whole_object.map(|o| o as i64),
+                        c.whole_object,
                         c.format,
                         recipe::encode(&c.segments)
                     ])?;
-                    content_ids.push(tx.last_insert_rowid());
+                    content_ids.push(ContentId(tx.last_insert_rowid()));
                     for s in &c.segments {
                         // Only chunks this import stored enter the index; the
                         // rest are in it already.
@@ -909,7 +907,7 @@ impl Store {
                         if let Some(p) = stored_here {
                             chunk.execute(params![
                                 &s.hash.0[..],
-                                s.object as i64,
+                                s.object,
                                 s.object_offset as i64,
                                 s.len,
                                 p.fast as i64

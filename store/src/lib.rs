@@ -19,9 +19,11 @@ mod catalog;
 mod chunker;
 mod error;
 mod gc;
+mod ids;
 mod import;
 pub mod locks;
 mod names;
+mod object;
 pub mod pages;
 mod read;
 pub mod recipe;
@@ -30,16 +32,22 @@ mod upgrade;
 mod usage;
 mod verify;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-pub use catalog::{Catalog, ContentInfo, EntryInfo, ModelInfo, Snapshot};
+use catalog::Catalog;
+
+pub use catalog::{ContentInfo, EntryInfo, ModelInfo, Snapshot};
 pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
 pub use names::{check_relative_path, validate_model_name, RESERVED as RESERVED_NAME};
+pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
+pub use object::MappedObject;
 pub use read::{whole_object_matches, FileReader};
-pub use recipe::{Hash, ObjectId, Segment};
+pub use recipe::Segment;
 pub use trace::{LoadTrace, TraceRecorder, TRACES_DIR};
 pub use upgrade::UpgradeReport;
 pub use usage::{ModelUsage, Usage};
@@ -79,8 +87,8 @@ pub struct Store {
 pub struct FileInfo {
     pub path: String,
     pub size: u64,
-    pub hash: Hash,
-    pub content_id: i64,
+    pub hash: ContentKey,
+    pub content_id: ContentId,
     pub mode: u32,
     /// Path of an object file byte-identical to this file, if there is one
     /// (servable by kernel passthrough). `None`: the file is a recipe of chunks.
@@ -139,8 +147,27 @@ impl Store {
         &self.root
     }
 
-    pub fn catalog(&self) -> &Catalog {
+    pub(crate) fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// A counter that changes whenever another process commits to the
+    /// catalog: the mount polls it to notice imports and removals.
+    pub fn data_version(&self) -> Result<i64> {
+        self.catalog.data_version()
+    }
+
+    /// Models, entries and the contents they use, read in one transaction
+    /// so they are consistent with each other.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        self.catalog.snapshot()
+    }
+
+    /// Whether a content is still in the catalog. gc deletes a content's row
+    /// before it frees its bytes, so a reader that holds the shared locks of
+    /// a content's objects and then sees it live knows its bytes stay.
+    pub fn content_live(&self, id: ContentId) -> Result<bool> {
+        self.catalog.content_exists(id)
     }
 
     /// Path of an object file. Objects fan out over 256 directories by the
@@ -148,8 +175,8 @@ impl Store {
     pub fn object_path(&self, id: ObjectId) -> PathBuf {
         self.root
             .join(OBJECTS_DIR)
-            .join(format!("{:02x}", id & 0xff))
-            .join(format!("{id:016x}"))
+            .join(format!("{:02x}", id.0 & 0xff))
+            .join(format!("{:016x}", id.0))
     }
 
     pub(crate) fn lock_writer(&self, on_wait: impl FnOnce()) -> Result<locks::WriterLock> {
@@ -178,7 +205,7 @@ impl Store {
         Ok(out)
     }
 
-    fn file_info(&self, path: String, content_id: i64, mode: u32) -> Result<FileInfo> {
+    fn file_info(&self, path: String, content_id: ContentId, mode: u32) -> Result<FileInfo> {
         let c = self.catalog.content(content_id)?;
         Ok(FileInfo {
             path,
@@ -228,10 +255,54 @@ impl Store {
         })
     }
 
-    /// Open a file of the store for reading (checked against chunk hashes).
-    pub fn open_file(&self, content_id: i64) -> Result<FileReader> {
-        let c = self.catalog.content(content_id)?;
-        FileReader::open(self, c)
+    /// Open, share-lock and map one object file.
+    pub fn map_object(&self, id: ObjectId) -> Result<MappedObject> {
+        MappedObject::open(id, self.object_path(id))
+    }
+
+    /// Open a stored file for reading (every chunk checked as it is read).
+    pub fn open_file(&self, content_id: ContentId) -> Result<FileReader> {
+        let content = Arc::new(self.catalog.content(content_id)?);
+        self.open_content_with(content, |id| self.map_object(id).map(Arc::new))
+    }
+
+    /// [`Store::open_file`] for a content row already read.
+    pub(crate) fn read_content(&self, content: ContentInfo) -> Result<FileReader> {
+        self.open_content_with(Arc::new(content), |id| self.map_object(id).map(Arc::new))
+    }
+
+    /// The read protocol, with the caller's way of mapping objects (the
+    /// mount shares one mapping per object between all its open files):
+    /// map and lock every object the recipe uses, then make sure the content
+    /// is still in the catalog. gc deletes catalog rows before it punches
+    /// holes and cannot punch while the locks are held, so a content found
+    /// live here keeps its bytes for as long as the reader lives.
+    /// [`Error::ContentRemoved`]: it was removed meanwhile (for the mount,
+    /// ENOENT); [`Error::ObjectMissing`] with the content still listed is
+    /// damage (EIO).
+    pub fn open_content_with(
+        &self,
+        content: Arc<ContentInfo>,
+        mut map: impl FnMut(ObjectId) -> Result<Arc<MappedObject>>,
+    ) -> Result<FileReader> {
+        let mut objects = HashMap::new();
+        for s in &content.segments {
+            if let std::collections::hash_map::Entry::Vacant(slot) = objects.entry(s.object) {
+                match map(s.object) {
+                    Ok(o) => {
+                        slot.insert(o);
+                    }
+                    Err(Error::ObjectMissing { .. }) if !self.content_live(content.id)? => {
+                        return Err(Error::ContentRemoved)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !self.content_live(content.id)? {
+            return Err(Error::ContentRemoved);
+        }
+        FileReader::new(content, objects)
     }
 
     /// Remove a model. Its bytes stay on disk until `gc`.

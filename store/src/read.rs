@@ -1,58 +1,44 @@
-//! Reading a stored file back, every chunk checked against its hash.
+//! Reading a stored file back, every chunk checked against its hash: the
+//! second half of the store's read protocol (the first is
+//! [`crate::object`]).
 //!
-//! Used by `cat` and `verify` here, and by the mount's copy-mode reads later:
-//! whatever path bytes take out of the store, a damaged chunk is an error
-//! naming where it is, never wrong bytes.
+//! [`FileReader`] is the one checked-segment reader: `cat`, `verify`,
+//! `upgrade` and the mount's copy-mode reads all find segments and check
+//! them here, so a damaged chunk is an error naming where it is, never wrong
+//! bytes, whichever way the bytes leave the store. It is also the layout of
+//! a file as a process that maps store objects itself needs it: for each
+//! segment, its file offset, object and object offset.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::ops::Range;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::catalog::ContentInfo;
 use crate::chunker;
 use crate::error::{Error, IoContext, Result};
-use crate::locks;
-use crate::recipe::{content_key, Hash, ObjectId};
-use crate::Store;
+use crate::ids::{ChunkHash, ObjectId};
+use crate::object::MappedObject;
+use crate::recipe::{content_key, Segment};
 
+/// A stored file opened for reading: every object its recipe uses, mapped
+/// and share-locked (so gc leaves them alone), and where each segment starts.
 pub struct FileReader {
-    content: ContentInfo,
+    content: Arc<ContentInfo>,
     /// File offset at which each segment starts.
     starts: Vec<u64>,
-    /// Each object the recipe uses, with its path and its length when opened.
-    objects: HashMap<ObjectId, (File, PathBuf, u64)>,
+    objects: HashMap<ObjectId, Arc<MappedObject>>,
 }
 
 impl FileReader {
-    pub(crate) fn open(store: &Store, content: ContentInfo) -> Result<FileReader> {
-        let mut objects = HashMap::new();
-        for s in &content.segments {
-            if objects.contains_key(&s.object) {
-                continue;
-            }
-            let path = store.object_path(s.object);
-            let file = File::open(&path).map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    Error::Corrupt(format!("object {} is missing", path.display()))
-                } else {
-                    Error::Io {
-                        path: path.clone(),
-                        source: e,
-                    }
-                }
-            })?;
-            // Tell gc we use this object, so it does not punch holes in it.
-            locks::share_object(&file).at(&path)?;
-            // Objects do not shrink (gc punches holes, it does not
-            // truncate), so this length bounds every later read; one damaged
-            // by truncation afterwards still fails the read cleanly (EOF).
-            let len = file.metadata().at(&path)?.len();
-            objects.insert(s.object, (file, path, len));
-        }
+    /// Build a reader from objects already mapped (by
+    /// [`crate::Store::open_content_with`], which owns the liveness check).
+    pub(crate) fn new(
+        content: Arc<ContentInfo>,
+        objects: HashMap<ObjectId, Arc<MappedObject>>,
+    ) -> Result<FileReader> {
         let mut starts = Vec::with_capacity(content.segments.len());
         let mut pos = 0u64;
         for s in &content.segments {
@@ -72,7 +58,7 @@ impl FileReader {
         })
     }
 
-    pub fn content(&self) -> &ContentInfo {
+    pub fn content(&self) -> &Arc<ContentInfo> {
         &self.content
     }
 
@@ -80,58 +66,70 @@ impl FileReader {
         self.content.size
     }
 
-    /// Read segment `i` into `buf` (resized to fit) and check its hash.
-    pub fn read_segment(&self, i: usize, buf: &mut Vec<u8>) -> Result<()> {
+    pub fn segments(&self) -> &[Segment] {
+        &self.content.segments
+    }
+
+    /// File offset of segment `i`.
+    pub fn segment_start(&self, i: usize) -> u64 {
+        self.starts[i]
+    }
+
+    /// The segments that hold bytes of `[offset, end)`.
+    pub fn segments_in(&self, offset: u64, end: u64) -> Range<usize> {
+        if offset >= end || offset >= self.content.size {
+            return 0..0;
+        }
+        // The last segment starting at or before `offset` (segments[0]
+        // starts at 0), up to the first one starting at or after `end`.
+        let first = self.starts.partition_point(|&s| s <= offset) - 1;
+        let last = self.starts.partition_point(|&s| s < end);
+        first..last
+    }
+
+    /// The mapped object segment `i` lives in.
+    pub fn object_of(&self, i: usize) -> &Arc<MappedObject> {
+        &self.objects[&self.content.segments[i].object]
+    }
+
+    /// Segment `i`'s bytes as stored, not yet checked against its hash; an
+    /// error if the object is too short to hold them.
+    pub fn segment_bytes(&self, i: usize) -> Result<&[u8]> {
         let s = &self.content.segments[i];
-        let (file, path, object_len) = &self.objects[&s.object];
-        let end = s.object_offset.checked_add(u64::from(s.len));
-        let truncated = || {
+        let obj = self.object_of(i);
+        // A record must lie inside its object (store-format §7, invariant 2).
+        obj.range(s.object_offset, u64::from(s.len)).ok_or_else(|| {
+            let end = s.object_offset.checked_add(u64::from(s.len));
             Error::Corrupt(format!(
                 "object {} is truncated (chunk at file offset {} needs bytes {}..{})",
-                path.display(),
+                obj.path().display(),
                 self.starts[i],
                 s.object_offset,
                 end.map_or_else(|| "past 2^64".to_string(), |end| end.to_string())
             ))
-        };
-        // A record must lie inside its object (store-format §7, invariant 2).
-        // Check that before sizing the buffer: a damaged or hostile recipe
-        // record claiming a chunk of up to 4 GiB in a small object would
-        // otherwise make every reader (one per thread in `verify`) allocate
-        // and zero that much before the read fails. Found by the store_read
-        // fuzz target.
-        if end.is_none_or(|end| end > *object_len) {
-            return Err(truncated());
-        }
-        buf.resize(s.len as usize, 0);
-        file.read_exact_at(buf, s.object_offset).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                truncated()
-            } else {
-                Error::Io {
-                    path: path.clone(),
-                    source: e,
-                }
-            }
-        })?;
-        if Hash::of(buf) != s.hash {
+        })
+    }
+
+    /// Segment `i`'s bytes, checked against its hash.
+    pub fn checked_segment(&self, i: usize) -> Result<&[u8]> {
+        let bytes = self.segment_bytes(i)?;
+        let s = &self.content.segments[i];
+        if ChunkHash::of(bytes) != s.hash {
             return Err(Error::Corrupt(format!(
                 "chunk at file offset {} ({} bytes) does not match its hash (object {}, offset {})",
                 self.starts[i],
                 s.len,
-                path.display(),
+                self.object_of(i).path().display(),
                 s.object_offset
             )));
         }
-        Ok(())
+        Ok(bytes)
     }
 
     /// Copy the whole file to `out`, checking every chunk and the content key.
     pub fn copy_to(&self, out: &mut dyn Write) -> Result<u64> {
-        let mut buf = Vec::new();
         for i in 0..self.content.segments.len() {
-            self.read_segment(i, &mut buf)?;
-            out.write_all(&buf).at("<output>")?;
+            out.write_all(self.checked_segment(i)?).at("<output>")?;
         }
         self.check_key()?;
         Ok(self.content.size)
@@ -139,9 +137,8 @@ impl FileReader {
 
     /// Check every chunk and the content key without copying anywhere.
     pub fn verify(&self) -> Result<()> {
-        let mut buf = Vec::new();
         for i in 0..self.content.segments.len() {
-            self.read_segment(i, &mut buf)?;
+            self.checked_segment(i)?;
         }
         self.check_key()
     }
@@ -174,23 +171,15 @@ impl FileReader {
 
     /// Read up to `buf.len()` bytes at `offset`; every chunk touched is checked.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if offset >= self.content.size || buf.is_empty() {
-            return Ok(0);
-        }
-        let mut i = match self.starts.binary_search(&offset) {
-            Ok(i) => i,
-            Err(i) => i - 1,
-        };
+        let end = offset.saturating_add(buf.len() as u64).min(self.content.size);
         let mut done = 0usize;
-        let mut seg = Vec::new();
-        while done < buf.len() && i < self.content.segments.len() {
-            self.read_segment(i, &mut seg)?;
+        for i in self.segments_in(offset, end) {
+            let seg = self.checked_segment(i)?;
             let pos = offset + done as u64;
             let from = (pos - self.starts[i]) as usize;
             let n = (seg.len() - from).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&seg[from..from + n]);
             done += n;
-            i += 1;
         }
         Ok(done)
     }
@@ -234,7 +223,7 @@ pub fn whole_object_matches(content: &ContentInfo, bytes: &[u8]) -> bool {
     if tiles && listed == content.hash {
         return content.segments.par_iter().all(|s| {
             let a = s.object_offset as usize;
-            Hash::of(&bytes[a..a + s.len as usize]) == s.hash
+            ChunkHash::of(&bytes[a..a + s.len as usize]) == s.hash
         });
     }
     chunker::canonical_key_of_bytes(bytes) == content.hash

@@ -4,43 +4,7 @@
 //! recipe is what copy-mode reads and `verify` use to check bytes chunk by
 //! chunk, and what `du` uses to tell shared bytes from unique ones.
 
-use std::fmt;
-
-/// A BLAKE3 digest: a chunk's hash, or a content's key ([`content_key`]).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Hash(pub [u8; 32]);
-
-impl Hash {
-    pub fn of(bytes: &[u8]) -> Hash {
-        Hash(*blake3::hash(bytes).as_bytes())
-    }
-
-    pub fn to_hex(&self) -> String {
-        blake3::Hash::from_bytes(self.0).to_hex().to_string()
-    }
-
-    pub fn from_slice(bytes: &[u8]) -> Option<Hash> {
-        Some(Hash(bytes.try_into().ok()?))
-    }
-}
-
-impl From<blake3::Hash> for Hash {
-    fn from(h: blake3::Hash) -> Hash {
-        Hash(*h.as_bytes())
-    }
-}
-
-impl fmt::Debug for Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", &self.to_hex()[..16])
-    }
-}
-
-impl fmt::Display for Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
+use crate::ids::{ChunkHash, ContentKey, ObjectId};
 
 /// BLAKE3 key-derivation context of content keys (store-format §3).
 pub const CONTENT_KEY_CONTEXT: &str = "modelfs 2026-11 content key v1";
@@ -50,13 +14,13 @@ pub const CONTENT_KEY_CONTEXT: &str = "modelfs 2026-11 content key v1";
 /// little-endian). It commits to every byte as a whole-file hash does, but
 /// costs a pass over 36 bytes per chunk instead of one over the content, so
 /// an import hashes each byte once. Which chunk list: store-format §3.
-pub fn content_key(chunks: impl Iterator<Item = (Hash, u32)>) -> Hash {
+pub fn content_key(chunks: impl Iterator<Item = (ChunkHash, u32)>) -> ContentKey {
     let mut h = blake3::Hasher::new_derive_key(CONTENT_KEY_CONTEXT);
     for (hash, len) in chunks {
         h.update(&hash.0);
         h.update(&len.to_le_bytes());
     }
-    Hash::from(h.finalize())
+    ContentKey::from(h.finalize())
 }
 
 /// Bytes from each end of a chunk that [`fingerprint`] reads.
@@ -80,13 +44,10 @@ pub fn fingerprint(chunk: &[u8]) -> u64 {
     h.digest()
 }
 
-/// Identifier of an object file (`objects/<id & 0xff>/<id>`).
-pub type ObjectId = u64;
-
 /// One chunk of a file: its hash and where its bytes live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    pub hash: Hash,
+    pub hash: ChunkHash,
     pub object: ObjectId,
     pub object_offset: u64,
     pub len: u32,
@@ -100,7 +61,7 @@ pub fn encode(segments: &[Segment]) -> Vec<u8> {
     let mut out = Vec::with_capacity(segments.len() * SEGMENT_BYTES);
     for s in segments {
         out.extend_from_slice(&s.hash.0);
-        out.extend_from_slice(&s.object.to_le_bytes());
+        out.extend_from_slice(&s.object.0.to_le_bytes());
         out.extend_from_slice(&s.object_offset.to_le_bytes());
         out.extend_from_slice(&s.len.to_le_bytes());
     }
@@ -115,8 +76,8 @@ pub fn decode(blob: &[u8]) -> Option<Vec<Segment>> {
     let segments = blob
         .chunks_exact(SEGMENT_BYTES)
         .map(|r| Segment {
-            hash: Hash(r[0..32].try_into().expect("32 bytes")),
-            object: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+            hash: ChunkHash(r[0..32].try_into().expect("32 bytes")),
+            object: ObjectId(u64::from_le_bytes(r[32..40].try_into().expect("8 bytes"))),
             object_offset: u64::from_le_bytes(r[40..48].try_into().expect("8 bytes")),
             len: u32::from_le_bytes(r[48..52].try_into().expect("4 bytes")),
         })
@@ -132,14 +93,14 @@ mod tests {
     fn recipe_round_trips() {
         let segs = vec![
             Segment {
-                hash: Hash::of(b"a"),
-                object: 7,
+                hash: ChunkHash::of(b"a"),
+                object: ObjectId(7),
                 object_offset: 0,
                 len: 10,
             },
             Segment {
-                hash: Hash::of(b"b"),
-                object: u64::MAX,
+                hash: ChunkHash::of(b"b"),
+                object: ObjectId(u64::MAX),
                 object_offset: 1 << 40,
                 len: u32::MAX,
             },

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
-use crate::recipe::Hash;
+use crate::ids::ContentKey;
 use crate::Store;
 
 /// Directory of trace files inside a store directory.
@@ -184,24 +184,24 @@ impl TraceRecorder {
 
 impl Store {
     /// Path of the trace of the content with key `hash`.
-    pub fn trace_path(&self, hash: &Hash) -> PathBuf {
+    pub fn trace_path(&self, hash: &ContentKey) -> PathBuf {
         trace_path(self.root(), hash)
     }
 
     /// The recorded load trace of a content, if a valid one exists.
-    pub fn load_trace(&self, hash: &Hash, file_size: u64) -> Option<LoadTrace> {
+    pub fn load_trace(&self, hash: &ContentKey, file_size: u64) -> Option<LoadTrace> {
         read_trace(self.root(), hash, file_size)
     }
 }
 
-pub fn trace_path(store_root: &Path, hash: &Hash) -> PathBuf {
+pub fn trace_path(store_root: &Path, hash: &ContentKey) -> PathBuf {
     let hex = hash.to_hex();
     store_root.join(TRACES_DIR).join(&hex[..2]).join(hex)
 }
 
 /// Read a trace straight from a store directory (the mount holds no `Store`
 /// for this, and must not fail on a store made before traces existed).
-pub fn read_trace(store_root: &Path, hash: &Hash, file_size: u64) -> Option<LoadTrace> {
+pub fn read_trace(store_root: &Path, hash: &ContentKey, file_size: u64) -> Option<LoadTrace> {
     let bytes = std::fs::read(trace_path(store_root, hash)).ok()?;
     LoadTrace::decode(&bytes, file_size)
 }
@@ -209,7 +209,7 @@ pub fn read_trace(store_root: &Path, hash: &Hash, file_size: u64) -> Option<Load
 /// Write a trace atomically (temporary file, then rename over the old one).
 /// Not fsync'd: after a crash the old trace, no trace, or a torn file that
 /// [`LoadTrace::decode`] rejects are all acceptable.
-pub fn write_trace(store_root: &Path, hash: &Hash, trace: &LoadTrace) -> Result<()> {
+pub fn write_trace(store_root: &Path, hash: &ContentKey, trace: &LoadTrace) -> Result<()> {
     let path = trace_path(store_root, hash);
     let dir = path.parent().expect("trace path has a parent");
     if !dir.is_dir() {
@@ -294,7 +294,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("modelfs-trace-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let hash = Hash::of(b"content");
+        let hash = ContentKey([7; 32]);
         assert_eq!(read_trace(&dir, &hash, 10), None);
         let t = LoadTrace {
             file_size: 10,

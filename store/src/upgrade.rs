@@ -17,8 +17,8 @@ use rayon::prelude::*;
 
 use crate::catalog::{Catalog, SCHEMA_VERSION};
 use crate::error::{Error, Result};
-use crate::read::FileReader;
-use crate::recipe::{fingerprint, Hash};
+use crate::ids::{ContentId, ContentKey, ObjectId};
+use crate::recipe::fingerprint;
 use crate::{chunker, Store, CATALOG_FILE};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -77,7 +77,7 @@ impl Store {
         report.bytes_read = contents.iter().map(|c| c.size).sum();
         // One reader per content and thread; each thread needs its own
         // catalog connection to build a Store handle.
-        let keys: Vec<(i64, Hash, Hash)> = contents
+        let keys: Vec<(ContentId, ContentKey, ContentKey)> = contents
             .into_par_iter()
             .map(|c| {
                 let (catalog, _) = Catalog::open_any_version(&cat_path, false)?;
@@ -86,7 +86,7 @@ impl Store {
                     catalog,
                 };
                 let (id, old) = (c.id, c.hash);
-                let reader = FileReader::open(&handle, c)?;
+                let reader = handle.read_content(c)?;
                 let key = chunker::canonical_key(&reader).map_err(|e| {
                     Error::Corrupt(format!(
                         "content {old} cannot be read back to derive its key ({e}); run `modelfs verify` with the previous modelfs, remove the damaged model, then upgrade"
@@ -104,7 +104,7 @@ impl Store {
         })?;
         let paths: Vec<std::path::PathBuf> = chunk_rows
             .iter()
-            .map(|r| store.object_path(r.1 as u64))
+            .map(|r| store.object_path(ObjectId(r.1 as u64)))
             .collect();
         let fast: Vec<(Vec<u8>, i64)> = chunk_rows
             .into_par_iter()
@@ -135,7 +135,7 @@ impl Store {
             // Two passes through a temporary value, so a new key equal to
             // another row's old key never trips the UNIQUE index midway.
             for (id, _, _) in &keys {
-                update.execute(rusqlite::params![id.to_le_bytes().to_vec(), id])?;
+                update.execute(rusqlite::params![id.0.to_le_bytes().to_vec(), id])?;
             }
             for (id, _, key) in &keys {
                 update.execute(rusqlite::params![&key.0[..], id])?;

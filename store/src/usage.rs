@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 
 use crate::error::Result;
-use crate::recipe::Hash;
+use crate::ids::{ChunkHash, ContentId, ObjectId};
 use crate::{Store, CATALOG_FILE, OBJECTS_DIR};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -39,12 +39,12 @@ pub struct Usage {
 impl Store {
     pub fn usage(&self) -> Result<Usage> {
         let models = self.models()?;
-        let mut users_of_content: HashMap<i64, HashSet<i64>> = HashMap::new();
+        let mut users_of_content: HashMap<ContentId, HashSet<i64>> = HashMap::new();
         for (model, content) in self.catalog().file_references()? {
             users_of_content.entry(content).or_default().insert(model);
         }
         // For each chunk: its length and the models that reference it.
-        let mut chunk_models: HashMap<Hash, (u32, HashSet<i64>)> = HashMap::new();
+        let mut chunk_models: HashMap<ChunkHash, (u32, HashSet<i64>)> = HashMap::new();
         for c in self.catalog().all_contents()? {
             let Some(users) = users_of_content.get(&c.id) else {
                 continue;
@@ -71,7 +71,7 @@ impl Store {
             }
         }
 
-        let known: HashSet<u64> = self
+        let known: HashSet<ObjectId> = self
             .catalog()
             .objects()?
             .into_iter()
@@ -116,7 +116,7 @@ impl Store {
     }
 
     /// (object id, allocated bytes) of every object file on disk, referenced or not.
-    pub(crate) fn object_files(&self) -> Result<Vec<(u64, u64)>> {
+    pub(crate) fn object_files(&self) -> Result<Vec<(ObjectId, u64)>> {
         use crate::error::IoContext;
         let objects = self.root().join(OBJECTS_DIR);
         let mut out = Vec::new();
@@ -132,6 +132,7 @@ impl Store {
                     .to_str()
                     .filter(|n| n.len() == 16)
                     .and_then(|n| u64::from_str_radix(n, 16).ok())
+                    .map(ObjectId)
                 else {
                     continue;
                 };

@@ -69,7 +69,7 @@ impl Store {
         let root = self.root().to_path_buf();
         // One reader per content; readers need their own Store handle since a
         // SQLite connection is not shared across threads.
-        let failures: Vec<(i64, String)> = infos
+        let failures: Vec<(crate::ContentId, String)> = infos
             .into_par_iter()
             .filter_map(|c| {
                 let id = c.id;
@@ -77,7 +77,7 @@ impl Store {
                     Ok(s) => s,
                     Err(e) => return Some((id, e.to_string())),
                 };
-                let res = crate::read::FileReader::open(&store, c).and_then(|r| r.verify());
+                let res = store.read_content(c).and_then(|r| r.verify());
                 res.err().map(|e| (id, e.to_string()))
             })
             .collect();
