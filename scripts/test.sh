@@ -14,12 +14,12 @@ cd "$REPO"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
-say "cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-say "cargo build"
-cargo build --workspace --quiet
-say "cargo test"
-cargo test --workspace --quiet
+say "cargo clippy --all-targets --all-features -- -D warnings"
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+say "cargo build --all-features"
+cargo build --workspace --all-features --quiet
+say "cargo test --all-features"
+cargo test --workspace --all-features --quiet
 say "fuzz (short run)"
 "$REPO/scripts/fuzz.sh"
 say "pytest tests/"

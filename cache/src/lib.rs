@@ -11,8 +11,26 @@
 //! shared base from disk again. The mount therefore pins (mlocks) chosen
 //! object ranges under a byte budget. This crate decides *which*: it knows
 //! nothing about FUSE or mlock, only blocks, sizes and reference counts, so
-//! it can be unit-tested and replayed on synthetic traces ([`sim`]) without
-//! a mount.
+//! it can be unit-tested and replayed on synthetic traces (the `sim` module)
+//! without a mount. It also owns the pin budget's units and default
+//! ([`parse_size`], [`DEFAULT_BUDGET_PERCENT`]), so that the mount, the
+//! configuration file and the command line read a budget the same way.
+//!
+//! # The `sim` feature
+//!
+//! The mount links only the policy it runs ([`SharedAwarePolicy`]) and the
+//! budget. Everything that exists to *evaluate* that policy is behind the
+//! `sim` feature, off by default, with the dependencies only it needs
+//! (`lru`, `clap`, `serde`, `serde_json`):
+//!
+//! * `LruPolicy`, the baseline the policy is measured against, and
+//!   `PolicyKind`, which picks between the two by name;
+//! * the `sim` module: a generated model family, Zipf and rollout load
+//!   orders, replays through each policy and a Belady oracle, and reports;
+//! * the `modelfs-cache-sim` binary, the simulator's command line.
+//!
+//! CI builds, lints and tests the crate with `--all-features`, so the
+//! simulator and its assertions keep up with the policy.
 //!
 //! # The interface the mount uses
 //!
@@ -74,34 +92,38 @@
 //!   keeps a stable subset instead, which is what the optimal (Belady) policy
 //!   does on a loop. It is TinyLFU's admission rule (Einziger et al. 2017).
 //!
-//! [`LruPolicy`] is the baseline: byte-budgeted LRU that ignores sizes and
-//! reference counts.
+//! `LruPolicy` (feature `sim`) is the baseline: byte-budgeted LRU that
+//! ignores sizes and reference counts.
 //!
 //! # Evidence
 //!
-//! `modelfs-cache-sim` ([`sim`]) replays a family (a 1 GiB base, 8 fine-tunes
-//! replacing 20% of tensors, 3 re-saved copies) loaded 200 times in Zipf
-//! order (seed 1). At a budget of 30% of the family's distinct bytes the cost
-//! model reads 66% fewer bytes from disk than LRU (Belady oracle: 69%); over
-//! budgets of 10% to 70%, 9% to 66% fewer. Two caveats, both measured by
-//! the simulator: most of that gain comes from the admission rule and the
-//! decayed frequency, which also beat LRU when models share nothing (15% to
-//! 32% fewer bytes; LRU's failure on loops is not specific to sharing).
+//! `modelfs-cache-sim` (the `sim` module) replays a family (a 1 GiB base,
+//! 8 fine-tunes replacing 20% of tensors, 3 re-saved copies) loaded 200 times
+//! in Zipf order (seed 1). At a budget of 30% of the family's distinct bytes
+//! the cost model reads 66% fewer bytes from disk than LRU (Belady oracle:
+//! 69%); over budgets of 10% to 70%, 9% to 66% fewer. Two caveats, both
+//! measured by the simulator: most of that gain comes from the admission rule
+//! and the decayed frequency, which also beat LRU when models share nothing
+//! (15% to 32% fewer bytes; LRU's failure on loops is not specific to
+//! sharing).
 //! Reference counts add a few points on top: 0.1 to 3 points of hit ratio
 //! on the Zipf trace, 1 to 6 on a rollout (every model loaded once, no
 //! history to go on), and they cost up to 0.6 points when a shared family
 //! competes with popular unrelated models at generous budgets.
 //!
 //! ```text
-//! cargo run --release -p modelfs-cache --bin modelfs-cache-sim -- --budget 0.1,0.2,0.3,0.5,0.7
-//! cargo run --release -p modelfs-cache --bin modelfs-cache-sim -- --workload disjoint --budget 0.3
+//! cargo run --release -p modelfs-cache --features sim --bin modelfs-cache-sim -- --budget 0.1,0.2,0.3,0.5,0.7
+//! cargo run --release -p modelfs-cache --features sim --bin modelfs-cache-sim -- --workload disjoint --budget 0.3
 //! ```
 
+#[cfg(feature = "sim")]
 mod lru_policy;
 mod shared_aware;
+#[cfg(feature = "sim")]
 pub mod sim;
 mod size;
 
+#[cfg(feature = "sim")]
 pub use lru_policy::LruPolicy;
 pub use shared_aware::{
     SharedAwarePolicy, DEFAULT_HALF_LIFE_BUDGETS, MIN_HALF_LIFE, MISS_OVERHEAD_BYTES,
@@ -199,13 +221,16 @@ pub trait Policy {
     fn resident(&self) -> Box<dyn Iterator<Item = Resident> + '_>;
 }
 
-/// The policies a mount (or the simulator) can be asked for by name.
+/// The policies a mount (or the simulator) can be asked for by name. Behind
+/// the `sim` feature with [`LruPolicy`], the only other choice.
+#[cfg(feature = "sim")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
     Lru,
     SharedAware,
 }
 
+#[cfg(feature = "sim")]
 impl PolicyKind {
     /// A new, empty policy of this kind with `budget` bytes.
     pub fn build(self, budget: u64) -> Box<dyn Policy + Send> {
@@ -216,6 +241,7 @@ impl PolicyKind {
     }
 }
 
+#[cfg(feature = "sim")]
 impl std::str::FromStr for PolicyKind {
     type Err = String;
 

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 
 /// Where the configuration is read from when `--config` is not given.
@@ -137,47 +137,10 @@ impl FileConfig {
     }
 }
 
-/// Parse "4GiB", "512M", "1.5G", "1048576" or "25%" (of physical memory) into bytes.
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    if let Some(pct) = t.strip_suffix('%') {
-        let p: f64 = pct
-            .trim()
-            .parse()
-            .with_context(|| format!("{s:?} is not a percentage"))?;
-        if !(0.0..=100.0).contains(&p) {
-            bail!("{s:?}: a percentage must be between 0 and 100");
-        }
-        return Ok((total_memory()? as f64 * p / 100.0) as u64);
-    }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size like 4GiB or 25%"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => bail!("{s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB or %)"),
-    };
-    Ok((n * mult as f64) as u64)
-}
-
-/// Physical memory in bytes, from /proc/meminfo.
-pub fn total_memory() -> Result<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").context("/proc/meminfo")?;
-    let kb = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .context("/proc/meminfo has no MemTotal")?;
-    Ok(kb * 1024)
-}
+/// Sizes (`pin_budget`, `prefetch_window`, and the same flags) are read by
+/// the cache crate's parser, the one the mount's budget is defined with: see
+/// [`modelfs_cache::parse_size`] for the units (`K`/`KiB` = 1024, `KB` = 1000).
+pub use modelfs_cache::parse_size;
 
 #[cfg(test)]
 mod tests {
@@ -189,9 +152,27 @@ mod tests {
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
         assert_eq!(parse_size("100").unwrap(), 100);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("64KB").unwrap(), 64_000);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
         assert!(parse_size("10%").unwrap() > 0);
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("200%").is_err());
+    }
+
+    #[test]
+    fn bad_sizes_name_their_key() {
+        for (text, key) in [
+            ("pin_budget = \"lots\"", "pin_budget"),
+            ("pin_budget = \"200%\"", "pin_budget"),
+            ("prefetch_window = \"-1MiB\"", "prefetch_window"),
+        ] {
+            let c: FileConfig = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{e}");
+        }
+        let c: FileConfig = toml::from_str("pin_budget = \"4GB\"").unwrap();
+        c.validate().unwrap();
     }
 
     #[test]
