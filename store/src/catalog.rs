@@ -250,6 +250,13 @@ impl Catalog {
                 "SELECT id, hash, size, whole_object, format, recipe FROM contents WHERE id = ?1",
             )?
             .query_row([id], raw_content)
+        })
+        .map_err(|e| match e {
+            Error::Catalog {
+                source: rusqlite::Error::QueryReturnedNoRows,
+                ..
+            } => Error::ContentRemoved,
+            e => e,
         })?;
         self.content_from_row(row)
     }

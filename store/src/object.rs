@@ -112,7 +112,11 @@ impl MappedObject {
         let base = bytes.as_ptr() as usize;
         let start = base.div_ceil(PAGE) * PAGE;
         let stop = (base + bytes.len()) / PAGE * PAGE;
-        (stop > start).then_some((start as *const libc::c_void, stop - start))
+        if stop > start {
+            Some((start as *const libc::c_void, stop - start))
+        } else {
+            None
+        }
     }
 
     /// mlock the whole pages of a range (faulting them in).

@@ -1,0 +1,165 @@
+//! The store's life cycle through its public API: import, replace, remove,
+//! gc while a reader holds a file, and verify naming damage.
+
+use std::path::Path;
+
+use modelfs_store::{ImportOptions, NoProgress, Store};
+
+/// Deterministic pseudo-random bytes (xorshift64*), so runs are repeatable.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn write_model(dir: &Path, files: &[(&str, &[u8])]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+fn import(store: &mut Store, dir: &Path, name: &str, replace: bool) {
+    let opts = ImportOptions {
+        name: name.into(),
+        replace,
+        follow_symlinks: false,
+    };
+    store.import(dir, &opts, &NoProgress).unwrap();
+}
+
+fn read_all(store: &Store, model: &str, path: &str) -> Vec<u8> {
+    let (_, info) = store.resolve(&format!("{model}/{path}")).unwrap();
+    let mut out = Vec::new();
+    store
+        .open_file(info.content_id)
+        .unwrap()
+        .copy_to(&mut out)
+        .unwrap();
+    out
+}
+
+/// A base (all new: one whole-file object) and a variant sharing its first
+/// 2 MiB (a recipe over the base's object plus a new one).
+fn family(tmp: &Path) -> (Store, Vec<u8>, Vec<u8>) {
+    let base = noise(1, 3 << 20);
+    let mut variant = base[..2 << 20].to_vec();
+    variant.extend_from_slice(&noise(2, 1 << 20));
+    write_model(&tmp.join("a"), &[("w.bin", &base)]);
+    write_model(&tmp.join("b"), &[("w.bin", &variant)]);
+    let mut store = Store::init(&tmp.join("store")).unwrap();
+    import(&mut store, &tmp.join("a"), "a", false);
+    import(&mut store, &tmp.join("b"), "b", false);
+    (store, base, variant)
+}
+
+#[test]
+fn import_stores_shared_bytes_once_and_reads_back_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, base, variant) = family(tmp.path());
+    let a = &store.files("a").unwrap()[0];
+    let b = &store.files("b").unwrap()[0];
+    assert!(a.whole_object.is_some(), "an all-new file is one whole object");
+    assert!(b.whole_object.is_none(), "a variant is a recipe");
+    assert_ne!(a.hash, b.hash);
+    assert_eq!(read_all(&store, "a", "w.bin"), base);
+    assert_eq!(read_all(&store, "b", "w.bin"), variant);
+    let usage = store.usage().unwrap();
+    // The variant's 2 MiB shared prefix is stored once; allow for the CDC
+    // chunk that straddles the boundary.
+    assert!(
+        usage.chunk_bytes < (4 << 20) + (256 << 10),
+        "stored {} bytes for 4 MiB of unique data",
+        usage.chunk_bytes
+    );
+}
+
+#[test]
+fn replace_swaps_the_model_and_gc_frees_the_old_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, _, _) = family(tmp.path());
+    let newer = noise(3, 1 << 20);
+    write_model(&tmp.path().join("a2"), &[("w.bin", &newer)]);
+    let err = store
+        .import(
+            &tmp.path().join("a2"),
+            &ImportOptions {
+                name: "a".into(),
+                replace: false,
+                follow_symlinks: false,
+            },
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    import(&mut store, &tmp.path().join("a2"), "a", true);
+    assert_eq!(read_all(&store, "a", "w.bin"), newer);
+    let report = store.gc().unwrap();
+    assert_eq!(report.contents_removed, 1, "{report:?}");
+    // The old base's object still holds the variant's shared chunks: its
+    // dead last MiB is punched, not the whole file removed.
+    assert_eq!(report.objects_punched, 1, "{report:?}");
+    assert!(report.bytes_freed >= 900 << 10, "{report:?}");
+    assert!(store.verify(None).unwrap().is_clean());
+}
+
+#[test]
+fn gc_leaves_objects_a_reader_holds_and_frees_them_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, base, _) = family(tmp.path());
+    let (_, a) = store.resolve("a/w.bin").unwrap();
+    let reader = store.open_file(a.content_id).unwrap();
+    store.remove("a").unwrap();
+    let busy = store.gc().unwrap();
+    assert_eq!(busy.objects_busy, 1, "{busy:?}");
+    assert_eq!(busy.objects_punched, 0, "{busy:?}");
+    // Collected: a new open says the file was removed...
+    assert!(matches!(
+        store.open_file(a.content_id),
+        Err(modelfs_store::Error::ContentRemoved)
+    ));
+    // ...while the open reader keeps every byte, each chunk checked.
+    let mut out = Vec::new();
+    reader.copy_to(&mut out).unwrap();
+    assert!(out == base, "bytes changed under a reader");
+    drop(reader);
+    let freed = store.gc().unwrap();
+    assert_eq!(freed.objects_punched, 1, "{freed:?}");
+    assert!(store.verify(None).unwrap().is_clean());
+}
+
+#[test]
+fn verify_names_the_damaged_file_and_only_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _, _) = family(tmp.path());
+    assert!(store.verify(None).unwrap().is_clean());
+    // Flip a byte in the variant's own object (its last MiB).
+    let (_, b) = store.resolve("b/w.bin").unwrap();
+    let reader = store.open_file(b.content_id).unwrap();
+    let last = reader.segments().len() - 1;
+    let object = reader.object_of(last).path().to_path_buf();
+    let at = reader.segments()[last].object_offset;
+    drop(reader);
+    let mut bytes = std::fs::read(&object).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(&object, bytes).unwrap();
+    let report = store.verify(None).unwrap();
+    let damaged: Vec<_> = report
+        .damaged
+        .iter()
+        .map(|d| format!("{}/{}", d.model, d.path))
+        .collect();
+    assert_eq!(damaged, ["b/w.bin"], "{report:?}");
+    assert!(report.damaged[0].reason.contains("does not match its hash"));
+    // The damaged chunk is an error on read; the shared prefix still reads.
+    let reader = store.open_file(b.content_id).unwrap();
+    assert!(reader.checked_segment(last).is_err());
+    assert!(reader.checked_segment(0).is_ok());
+}
