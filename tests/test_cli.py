@@ -17,10 +17,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
 import modelfamily
-from blake3_ref import blake3_digest, derive_key_hex
 from conftest import SLACK_PER_FILE, Modelfs
 from mountlib import evict_page_cache
 
@@ -32,12 +32,12 @@ MODEL_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".bin", ".pt", ".pth", ".ckp
 
 def one_chunk_content_key(data: bytes) -> str | None:
     """The content key of a file the store cuts into one chunk (or none), computed
-    independently (pure-Python BLAKE3): derive_key over (chunk hash, u32 LE length).
+    independently (the `blake3` package): derive_key over (chunk hash, u32 LE length).
     None when the file could be a model format, whose chunking needs its parser."""
     if len(data) > ONE_CHUNK_MAX or data[:4] in (b"GGUF", b"PK\x03\x04") or data[8:10] in (b'{"', b"{}"):
         return None
-    chunks = [blake3_digest(data) + len(data).to_bytes(4, "little")] if data else []
-    return derive_key_hex(CONTENT_KEY_CONTEXT, b"".join(chunks))
+    chunks = [blake3.blake3(data).digest() + len(data).to_bytes(4, "little")] if data else []
+    return blake3.blake3(b"".join(chunks), derive_key_context=CONTENT_KEY_CONTEXT).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,8 +443,6 @@ def test_upgrade_from_schema_1(mfs, family):
     BLAKE3 of the whole file) is refused with a pointer to `modelfs upgrade`,
     which re-keys it in place; files, dedup and load traces survive."""
     import sqlite3  # noqa: PLC0415
-
-    import blake3  # noqa: PLC0415  (from requirements.txt)
 
     for key in ("base", "ft-last"):
         mfs.import_(family.path(key), "--name", key, ok=True)
