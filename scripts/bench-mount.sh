@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mount benchmark (issue 3): read throughput through `modelfs mount` (kernel
+# Mount benchmark: read throughput through `modelfs mount` (kernel
 # passthrough and copy mode, cold and warm, read() and mmap) vs ext4, the
 # memory charged when several readers map one model, and metadata speed.
 # Needs root. Extra arguments go to tests/bench/mount_bench.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pinning benchmark (issue 4): load A, drop caches, load variant B sharing most of A's
+# Pinning benchmark: load A, drop caches, load variant B sharing most of A's
 # tensors -- pinned mount vs --pin-budget 0 vs plain ext4. Extra arguments go to
 # tests/bench/pin_bench.py (e.g. --base-mib 512 --rounds 3 --json).
 source "$(dirname "$0")/common.sh"

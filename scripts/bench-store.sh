@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Store benchmark (issue 2): dedup vs ideal and vs plain 64 KiB CDC, import
+# Store benchmark: dedup vs ideal and vs plain 64 KiB CDC, import
 # time vs `cp -r`. Extra arguments go to tests/bench/store_bench.py
 # (e.g. --base-mib 256 --rounds 3 --workdir /var/tmp/modelfs-bench).
 source "$(dirname "$0")/common.sh"

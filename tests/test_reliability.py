@@ -1,4 +1,4 @@
-"""Reliability and security suites (issue 6), driving the real binary and real FUSE mounts.
+"""Reliability and security suites, driving the real binary and real FUSE mounts.
 
 Suites (see docs/reliability.md for what each injects and what it found):
   1. crash consistency of import / rm / gc under SIGKILL at random points
@@ -1046,7 +1046,7 @@ def test_store_files_not_world_writable(modelfs_bin, tmp_path, umask):
 
 
 def test_daemon_refuses_store_writable_by_others(sec_store, tmp_path):
-    """Issue 6: 'the daemon refuses a store directory writable by others'. A store dir
+    """Security: 'the daemon refuses a store directory writable by others'. A store dir
     with mode 0777 (anyone could swap objects/ or catalog.db under a root daemon) must
     make `modelfs mount` fail with an error naming the store, and mount nothing."""
     _need_root()
@@ -1069,7 +1069,7 @@ def test_daemon_refuses_store_writable_by_others(sec_store, tmp_path):
             m.cleanup()
             os.chmod(target, old)
     assert not problems, ("PRODUCT BUG: the mount daemon does not refuse a store writable by others "
-                          "(issue 6 security requirement):\n" + "\n".join(problems))
+                          "(the security requirement):\n" + "\n".join(problems))
 
 
 def test_import_symlinks_escaping_the_tree(mfs, tmp_path):

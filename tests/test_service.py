@@ -1,4 +1,4 @@
-"""The service layer (issue 5): mount helper, fstab, SIGTERM/SIGHUP, configuration file,
+"""The service layer: mount helper, fstab, SIGTERM/SIGHUP, configuration file,
 Prometheus metrics, `modelfs status`, `modelfs install` and the shipped systemd units.
 
 Mounts are made the way an operator makes them: `mount -t fuse.modelfs STORE MNT -o ...` and

@@ -8,11 +8,10 @@
 //! large `MADV_WILLNEED` reads in the recorded order, so when the request
 //! arrives its bytes are resident, or on their way.
 //!
-//! It only reads; hashing stays with the requests. A first version also
-//! hashed each chunk ahead of the reader: on a fully cold file that funnelled
-//! all hashing through this one thread while the FUSE workers waited for it,
-//! and cold copy-mode reads in a fresh mount fell to half their speed
-//! (scripts/bench-mount.sh).
+//! It only reads; hashing stays with the requests. Hashing ahead of the
+//! reader as well would funnel a cold file's hashing through this one thread
+//! while the FUSE workers wait for it: measured, cold copy-mode reads in a
+//! fresh mount then ran at half their speed (scripts/bench-mount.sh).
 //!
 //! It stays at most `window` bytes (plus one 8 MiB step) ahead of what the
 //! reader has consumed, so a replay of a huge file never floods memory, and

@@ -40,14 +40,16 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use modelfs_store::recipe::{self, content_key, Hash, Segment, SEGMENT_BYTES};
-use modelfs_store::{canonical_key_of_bytes, ImportOptions, NoProgress, Store};
+use modelfs_store::recipe::{self, content_key, Segment, SEGMENT_BYTES};
+use modelfs_store::{
+    canonical_key_of_bytes, ChunkHash, ContentId, ImportOptions, NoProgress, ObjectId, Store,
+};
 use rusqlite::{params, Connection};
 
 /// One chunk as the import stored it, with its bytes.
 struct Chunk {
-    hash: Hash,
-    object: u64,
+    hash: ChunkHash,
+    object: ObjectId,
     offset: u64,
     bytes: Vec<u8>,
 }
@@ -56,12 +58,12 @@ struct Fixture {
     store: Store,
     /// A second connection to the catalog, to write the fuzzed row.
     conn: Connection,
-    content_id: i64,
+    content_id: ContentId,
     pool: Vec<Chunk>,
-    by_hash: HashMap<Hash, usize>,
-    objects: HashSet<u64>,
+    by_hash: HashMap<ChunkHash, usize>,
+    objects: HashSet<ObjectId>,
     /// Hash of no bytes: what a zero-length record must name to pass.
-    empty_hash: Hash,
+    empty_hash: ChunkHash,
 }
 
 static FIXTURE_DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -186,11 +188,11 @@ impl Fixture {
                 .expect("chunks");
             for row in rows {
                 let (hash, object, offset, len) = row.expect("chunk row");
-                let (object, offset) = (object as u64, offset as u64);
+                let (object, offset) = (ObjectId(object as u64), offset as u64);
                 let data = std::fs::read(store.object_path(object)).expect("object");
                 let bytes = data[offset as usize..][..len as usize].to_vec();
-                let hash = Hash::from_slice(&hash).expect("32-byte hash");
-                assert_eq!(Hash::of(&bytes), hash, "fixture chunk");
+                let hash = ChunkHash::from_slice(&hash).expect("32-byte hash");
+                assert_eq!(ChunkHash::of(&bytes), hash, "fixture chunk");
                 pool.push(Chunk {
                     hash,
                     object,
@@ -206,7 +208,7 @@ impl Fixture {
             let ids = st
                 .query_map([], |r| r.get::<_, i64>(0))
                 .expect("objects")
-                .map(|id| id.expect("object id") as u64)
+                .map(|id| ObjectId(id.expect("object id") as u64))
                 .collect();
             ids
         };
@@ -216,7 +218,7 @@ impl Fixture {
              VALUES (zeroblob(32), 0, NULL, NULL, x'');",
         )
         .expect("reset contents");
-        let content_id = conn.last_insert_rowid();
+        let content_id = ContentId(conn.last_insert_rowid());
         Fixture {
             store,
             conn,
@@ -224,7 +226,7 @@ impl Fixture {
             pool,
             by_hash,
             objects,
-            empty_hash: Hash::of(&[]),
+            empty_hash: ChunkHash::of(&[]),
         }
     }
 }
@@ -278,8 +280,8 @@ impl Fixture {
             let segments: Option<Vec<Segment>> = (raw.len() % SEGMENT_BYTES == 0).then(|| {
                 raw.chunks_exact(SEGMENT_BYTES)
                     .map(|r| Segment {
-                        hash: Hash::from_slice(&r[..32]).expect("32 bytes"),
-                        object: u64::from_le_bytes(r[32..40].try_into().expect("8")),
+                        hash: ChunkHash::from_slice(&r[..32]).expect("32 bytes"),
+                        object: ObjectId(u64::from_le_bytes(r[32..40].try_into().expect("8"))),
                         object_offset: u64::from_le_bytes(r[40..48].try_into().expect("8")),
                         len: u32::from_le_bytes(r[48..52].try_into().expect("4")),
                     })
@@ -306,7 +308,7 @@ impl Fixture {
                     len: chunk.bytes.len() as u32,
                 };
                 if selector & 0x10 != 0 {
-                    segment.object = u64::from(input.u8());
+                    segment.object = ObjectId(u64::from(input.u8()));
                 }
                 if selector & 0x20 != 0 {
                     segment.object_offset = u64::from_le_bytes(input.array());

@@ -1,4 +1,4 @@
-"""Pinning benchmark (issue 4): load model A, lose the page cache, then load variant B that
+"""Pinning benchmark: load model A, lose the page cache, then load variant B that
 shares most of A's tensors -- through a pinning mount, through a mount with pinning off, and
 from plain files on ext4, interleaved in one run.
 
