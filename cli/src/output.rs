@@ -1,12 +1,29 @@
-//! Human-readable tables and `--json` output.
+//! Every result the CLI prints: human-readable lines and tables, and the
+//! `--json` renderings.
+//!
+//! Why one place: the commands compute values and hand them here, so what a
+//! person reads and what a script parses are defined side by side, and a
+//! command's logic can be followed without its formatting in the way. This
+//! file renders the store's results (import, listings, usage, gc, verify,
+//! upgrade); [`mount`] renders what concerns a mount (stats, status, warm).
+//! Diagnostics (warnings, "waiting for a lock") go to stderr where they
+//! arise and are not here.
+
+mod mount;
 
 use std::io::{self, Write};
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
 use indicatif::HumanBytes;
-use modelfs_store::{FileInfo, ModelInfo, Usage, VerifyReport};
+use modelfs_store::{
+    FileInfo, GcReport, ImportSummary, ModelInfo, UpgradeReport, Usage, VerifyReport,
+};
 
+pub use mount::{daemon_mounted, mount_stats, status, warm, Status, Warmed};
+
+/// Pretty-printed JSON on stdout, one document.
 pub fn json<T: serde::Serialize>(value: &T) -> Result<()> {
     let mut out = io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
@@ -19,6 +36,40 @@ fn rfc3339(ns: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// `modelfs config check`: the file is valid; the pin budget as bytes.
+pub fn config_ok(path: &Path, pin_budget: Option<(&str, u64)>) {
+    println!("{}: ok", path.display());
+    if let Some((b, bytes)) = pin_budget {
+        println!("  pin_budget = {b} ({bytes} bytes)");
+    }
+}
+
+/// `modelfs init`.
+pub fn store_ready(dir: &Path) {
+    println!("store ready at {}", dir.display());
+}
+
+/// `modelfs import`: the summary.
+pub fn import(summary: &ImportSummary, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(summary);
+    }
+    println!(
+        "imported {}: {} files, {}, {} new stored ({} whole, {} recipe, {} identical to stored files; {} recognised in memory), {:.2} s",
+        summary.name,
+        summary.files,
+        HumanBytes(summary.logical_bytes),
+        HumanBytes(summary.new_bytes),
+        summary.whole_files,
+        summary.recipe_files,
+        summary.identical_files,
+        HumanBytes(summary.recognised_bytes),
+        summary.seconds
+    );
+    Ok(())
+}
+
+/// `modelfs ls`: the models.
 pub fn models(models: &[ModelInfo], as_json: bool) -> Result<()> {
     if as_json {
         let list: Vec<_> = models
@@ -57,6 +108,7 @@ pub fn models(models: &[ModelInfo], as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `modelfs ls MODEL`: its files and how each is stored.
 pub fn files(files: &[FileInfo], as_json: bool) -> Result<()> {
     if as_json {
         let list: Vec<_> = files
@@ -98,7 +150,68 @@ pub fn files(files: &[FileInfo], as_json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn usage(u: &Usage) {
+/// `modelfs rm`: one line per removed model.
+pub fn removed(m: &ModelInfo) {
+    println!(
+        "removed {} ({} files, {}); run `modelfs gc` to reclaim its unique bytes",
+        m.name,
+        m.files,
+        HumanBytes(m.logical_bytes)
+    );
+}
+
+/// `modelfs gc`: what was reclaimed.
+pub fn gc(r: &GcReport, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "gc: freed {}; removed {} objects, {} contents, {} chunks, {} load traces; punched holes in {} objects{}",
+        HumanBytes(r.bytes_freed),
+        r.objects_removed,
+        r.contents_removed,
+        r.chunks_removed,
+        r.traces_removed,
+        r.objects_punched,
+        if r.objects_busy > 0 {
+            format!("; {} objects in use by readers left for the next gc", r.objects_busy)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// `modelfs upgrade` of the store at `dir`.
+pub fn upgrade(dir: &Path, r: &UpgradeReport, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(r);
+    }
+    if r.from_version == r.to_version {
+        println!(
+            "store {} is already at schema version {}",
+            dir.display(),
+            r.to_version
+        );
+    } else {
+        println!(
+            "upgraded store {} from schema {} to {}: {} contents re-keyed ({} read), {} load traces renamed",
+            dir.display(),
+            r.from_version,
+            r.to_version,
+            r.contents,
+            HumanBytes(r.bytes_read),
+            r.traces_renamed
+        );
+    }
+    Ok(())
+}
+
+/// `modelfs du`: totals, then one line per model.
+pub fn usage(u: &Usage, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(u);
+    }
     println!(
         "logical {}  stored {}  dedup {:.2}x  metadata {} ({:.4}% of logical){}",
         HumanBytes(u.logical_bytes),
@@ -140,9 +253,14 @@ pub fn usage(u: &Usage) {
             HumanBytes(m.shared_bytes).to_string()
         );
     }
+    Ok(())
 }
 
-pub fn verify(r: &VerifyReport) {
+/// `modelfs verify`: each damaged file, then the totals.
+pub fn verify(r: &VerifyReport, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(r);
+    }
     for p in &r.catalog_problems {
         println!("DAMAGED catalog: {p}");
     }
@@ -158,76 +276,5 @@ pub fn verify(r: &VerifyReport) {
         HumanBytes(r.bytes_checked),
         r.damaged.len()
     );
-}
-
-/// `modelfs stats` as text, from the mount's stats.json.
-pub fn mount_stats(mountpoint: &std::path::Path, v: &serde_json::Value) {
-    let n = |key: &str| v[key].as_u64().unwrap_or(0);
-    let b = |key: &str| HumanBytes(n(key)).to_string();
-    let share = |part: u64, whole: u64| {
-        if whole == 0 {
-            0.0
-        } else {
-            100.0 * part as f64 / whole as f64
-        }
-    };
-    println!(
-        "{} ({} mode), up {:.0} s",
-        mountpoint.display(),
-        v["mode"].as_str().unwrap_or("?"),
-        v["uptime_seconds"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "copy-mode reads: {} in {} requests, {:.1}% from memory ({}), {} from disk; {} EIO",
-        b("read_bytes"),
-        n("read_requests"),
-        share(n("read_resident_bytes"), n("read_bytes")),
-        b("read_resident_bytes"),
-        b("read_disk_bytes"),
-        n("eio")
-    );
-    println!(
-        "passthrough: {} opens ({} of files; the kernel reads them without the daemon)",
-        n("passthrough_opens"),
-        b("passthrough_opened_bytes")
-    );
-    println!(
-        "pinned: {} of a {} budget; pin policy hits {}, misses {}",
-        b("pinned_bytes"),
-        b("pin_budget"),
-        n("cache_hits"),
-        n("cache_misses")
-    );
-    println!(
-        "prefetch: {} read ahead by trace replay (window {}); traces saved {}, replayed {}, failed {}",
-        b("prefetched_bytes"),
-        b("prefetch_window"),
-        n("traces_saved"),
-        n("trace_replays"),
-        n("trace_errors")
-    );
-    let models = v["models"].as_array().cloned().unwrap_or_default();
-    let width = models
-        .iter()
-        .filter_map(|m| m["name"].as_str().map(str::len))
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    println!(
-        "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
-        "MODEL", "FILES", "PINNED", "READ", "FROM MEMORY", "FROM DISK", "PREFETCHED"
-    );
-    for m in &models {
-        let mb = |key: &str| HumanBytes(m[key].as_u64().unwrap_or(0)).to_string();
-        println!(
-            "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
-            m["name"].as_str().unwrap_or("?"),
-            m["files"].as_u64().unwrap_or(0),
-            mb("pinned_bytes"),
-            mb("read_bytes"),
-            mb("read_resident_bytes"),
-            mb("read_disk_bytes"),
-            mb("prefetched_bytes")
-        );
-    }
+    Ok(())
 }

@@ -1,0 +1,258 @@
+//! The command line: clap's definitions of every command and flag, and the
+//! mount(8) helper's arguments translated into the same definitions.
+//!
+//! Why a module of its own: these definitions are the CLI's contract (names,
+//! flags, help texts). `main` reads them to pick the log level, the commands
+//! take their arguments from them, and the `--daemon` parent starts its child
+//! with the same arguments, which it takes from here.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use modelfs_mount_helper::HelperError;
+
+#[derive(Parser)]
+#[command(
+    name = "modelfs",
+    version,
+    about = "Keep many ML models on one machine: a deduplicating, content-addressed model store",
+    long_about = "modelfs stores model directories (safetensors, torch .bin/.pt, GGUF, ONNX, configs, \
+tokenizers) in a content-addressed store. Files are cut into chunks on tensor boundaries, so a tensor \
+shared by several models, fine-tunes, re-shards or re-saves is stored once.\n\n\
+The store is --store DIR, else $MODELFS_STORE, else /var/lib/modelfs (root) or \
+$XDG_DATA_HOME/modelfs (other users)."
+)]
+pub struct Cli {
+    /// Store directory [default: $MODELFS_STORE, /var/lib/modelfs for root, else $XDG_DATA_HOME/modelfs]
+    #[arg(long, global = true, env = "MODELFS_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// Configuration file [default: /etc/modelfs/config.toml if it exists]; flags override it
+    #[arg(long, global = true, env = "MODELFS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create an empty store (import also creates one on first use)
+    Init,
+    /// Import a model directory, a single file, or a Hugging Face cache snapshot
+    #[command(
+        long_about = "Import a model directory, a single file, or a Hugging Face cache \
+snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory itself, which means \
+its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
+zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
+does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
+Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/)."
+    )]
+    Import {
+        /// Directory or file to import
+        path: PathBuf,
+        /// Model name, a relative path like `bert-base` or `org/llama-3-8b` [default: from PATH]
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing model with the same name
+        #[arg(long)]
+        replace: bool,
+        /// Also follow symlinks that point outside the imported tree
+        #[arg(long)]
+        follow_symlinks: bool,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List models, or the files of one model and how each is stored
+    Ls {
+        /// Show the files of this model
+        name: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove models (their bytes are reclaimed by `gc`)
+    Rm {
+        /// Models to remove
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Reclaim disk space no model references (safe while the store is mounted)
+    Gc {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read and re-hash stored files; exit 1 and name each damaged file
+    Verify {
+        /// Only this model
+        name: Option<String>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a store written by an older modelfs to this version's format
+    ///
+    /// Schema 1 stores (modelfs before 2026-11-23) keyed files by the BLAKE3
+    /// of the whole file; now they are keyed by the content key (BLAKE3 over
+    /// the chunk list, docs/store-format.md §3). Reads every stored byte once,
+    /// checking each chunk, then rewrites the keys in one transaction: an
+    /// interrupted upgrade leaves the store as it was. Restart mounts after it.
+    Upgrade {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a stored file to stdout, reassembled and checked against its hash
+    Cat {
+        /// MODEL/PATH, e.g. org/llama-3-8b/config.json
+        file: String,
+    },
+    /// Mount the store read-only: MOUNTPOINT/<model>/<file> for every model
+    #[command(
+        long_about = "Mount the store read-only at MOUNTPOINT (an empty directory): every model \
+appears as MOUNTPOINT/<model name>/<file path>, byte-identical to what was imported. Files stored \
+whole are served by kernel FUSE passthrough when the kernel and privileges allow it; others are \
+reassembled from memory-mapped store objects, each chunk checked against its hash (a damaged chunk \
+reads as EIO). Models imported or removed while mounted appear or disappear within a second. \
+Statistics: MOUNTPOINT/.modelfs/stats.json.\n\nRuns in the foreground until unmounted or sent \
+SIGTERM/SIGINT; --daemon returns once the mount is ready."
+    )]
+    Mount(MountArgs),
+    /// Unmount a modelfs mount (the daemon then exits)
+    Umount {
+        /// Mount point
+        mountpoint: PathBuf,
+        /// Detach even if files are open (they keep working until closed)
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Is the store mounted, in which mode, what it holds and serves
+    Status {
+        /// Mount point [default: `mountpoint` from the configuration]
+        mountpoint: Option<PathBuf>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a running mount serves from memory and from disk: pinned bytes, reads, prefetch, per model
+    #[command(
+        long_about = "Statistics of a running mount, overall and per model: bytes pinned in memory, \
+copy-mode reads served from resident pages vs from disk, bytes prefetched by load-trace replay, and \
+traces saved/replayed. Read from MOUNTPOINT/.modelfs/stats.json (which --json prints as is). \
+Passthrough reads go from the kernel to the store without the daemon, so they are not in the read \
+counters; pinned bytes cover both modes. A file shared by several models counts in each of them. \
+Exits 3 if nothing is mounted there."
+    )]
+    Stats {
+        /// Mount point [default: `mountpoint` from the configuration]
+        mountpoint: Option<PathBuf>,
+        /// Only this model's line
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull a model's files into memory by reading them through the mount, so the
+    /// mount's pinning policy can keep their shared chunks (within its budget)
+    Warm {
+        /// Model name
+        name: String,
+        /// Only these files of the model
+        paths: Vec<String>,
+        /// Mount point [default: `mountpoint` from the configuration]
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a configuration file; names the bad key and exits 1 if it is invalid
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Install the binary, the mount helper, the systemd unit and an example configuration
+    Install(crate::install::InstallArgs),
+    /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
+    Du {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file (default: --config, else /etc/modelfs/config.toml)
+    Check { file: Option<PathBuf> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PassthroughArg {
+    Auto,
+    Off,
+}
+
+/// `modelfs mount` options; each unset one falls back to the configuration file.
+#[derive(clap::Args, Default)]
+pub struct MountArgs {
+    /// Empty directory to mount on [default: `mountpoint` from the configuration]
+    pub mountpoint: Option<PathBuf>,
+    /// Detach once the mount is ready
+    #[arg(long)]
+    pub daemon: bool,
+    /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf for non-root)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Serve whole-file objects by kernel passthrough (auto) or always in copy mode (off) [default: auto]
+    #[arg(long, value_enum)]
+    pub passthrough: Option<PassthroughArg>,
+    /// FUSE worker threads [default: 4]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Readahead set on the mount after mounting, in KiB [default: 8192]
+    #[arg(long)]
+    pub read_ahead_kb: Option<u32>,
+    /// After SIGTERM/SIGINT, seconds files still open may keep reading before the daemon exits [default: 2]
+    #[arg(long)]
+    pub shutdown_grace: Option<f64>,
+    /// Memory budget for pinning chunks many models share ("4GiB", "25%") [default: 25%]
+    #[arg(long)]
+    pub pin_budget: Option<String>,
+    /// How far ahead of a loader the mount may replay a file's recorded load trace ("256MiB", "5%"; 0 turns replay off) [default: 256MiB]
+    #[arg(long, value_name = "SIZE")]
+    pub prefetch_window: Option<String>,
+    /// Serve Prometheus metrics at this address, e.g. 127.0.0.1:9477 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// With --daemon: write the daemon's log here (default: discarded once mounted)
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// The `modelfs` arguments a helper invocation was translated into; the
+/// `--daemon` child is started with these.
+static HELPER_ARGS: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
+
+/// Parse a mount(8) helper invocation (`mount.fuse.modelfs SOURCE DIR -o
+/// OPTIONS`) as the `modelfs mount` command it stands for.
+pub fn parse_helper_args(args: Vec<OsString>) -> Result<Cli, HelperError> {
+    let canonical = modelfs_mount_helper::translate(args)?;
+    let cli = Cli::try_parse_from(
+        std::iter::once(OsString::from("modelfs")).chain(canonical.iter().cloned()),
+    )
+    .map_err(|e| HelperError::Usage(e.to_string()))?;
+    let _ = HELPER_ARGS.set(canonical);
+    Ok(cli)
+}
+
+/// Arguments for the `--daemon` child: the same command without `--daemon`.
+pub fn args_without_daemon() -> Vec<OsString> {
+    let args: Vec<OsString> = match HELPER_ARGS.get() {
+        Some(c) => c.clone(),
+        None => std::env::args_os().skip(1).collect(),
+    };
+    args.into_iter().filter(|a| a != "--daemon").collect()
+}

@@ -1,0 +1,106 @@
+//! `modelfs import`: bring a model directory, a file or a Hugging Face cache
+//! snapshot into the store, with a progress bar on a terminal.
+//!
+//! Why its own module: the import is the one long-running store command, and
+//! its progress reporting (bar, warnings, lock waits) is part of it.
+
+use std::io::{self, IsTerminal};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use modelfs_store::{default_model_name, ImportOptions, ImportProgress, Store};
+
+use crate::output;
+
+/// Import `path` as `name` (default: derived from the path).
+pub fn import(
+    dir: &Path,
+    path: &Path,
+    name: Option<String>,
+    replace: bool,
+    follow_symlinks: bool,
+    json: bool,
+) -> Result<()> {
+    if !path.exists() && path.symlink_metadata().is_err() {
+        bail!("{}: no such file or directory", path.display());
+    }
+    let name = match name {
+        Some(n) => n,
+        None => default_model_name(path).with_context(|| {
+            format!(
+                "{}: cannot derive a model name from this path; pass --name",
+                path.display()
+            )
+        })?,
+    };
+    let mut store = Store::init(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    let progress = BarProgress::new();
+    let summary = store
+        .import(
+            path,
+            &ImportOptions {
+                name,
+                replace,
+                follow_symlinks,
+            },
+            &progress,
+        )
+        .with_context(|| format!("importing {}", path.display()));
+    progress.finish();
+    output::import(&summary?, json)
+}
+
+/// A progress bar on stderr when it is a terminal; warnings always go to stderr.
+struct BarProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl BarProgress {
+    fn new() -> BarProgress {
+        let bar = io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("valid template"),
+            );
+            b
+        });
+        BarProgress { bar }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl ImportProgress for BarProgress {
+    fn begin(&self, _files: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+        }
+    }
+    fn file(&self, path: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(path.to_string());
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+    fn warn(&self, message: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("modelfs: warning: {message}")),
+            None => eprintln!("modelfs: warning: {message}"),
+        }
+    }
+    fn waiting_for_lock(&self) {
+        eprintln!("modelfs: another import, rm or gc is running on this store; waiting for it");
+    }
+}

@@ -1,0 +1,98 @@
+//! The commands, one module per command or group of commands, and the
+//! dispatch from a parsed command line to them.
+//!
+//! Why this split: each command's logic (what it asks the store or the mount,
+//! which exit code it returns) reads on its own, without the argument
+//! definitions ([`crate::args`]) or the rendering of its results
+//! ([`crate::output`]). This module also resolves what every command shares:
+//! the configuration file and the store directory.
+
+pub mod import;
+pub mod mount;
+pub mod stats;
+pub mod store_cmds;
+pub mod warm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use modelfs_store::default_store_dir;
+
+use crate::args::{Cli, Command, ConfigCommand};
+use crate::{config, install, output};
+
+/// Run the command; its exit code, or the error to report.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        let path = file
+            .clone()
+            .or_else(|| cli.config.clone())
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+        return config_check(path);
+    }
+    let (config_path, file_cfg) = config::FileConfig::discover(cli.config.as_deref())?;
+    let dir = cli
+        .store
+        .clone()
+        .or_else(|| file_cfg.store.clone())
+        .unwrap_or_else(default_store_dir);
+    let configured_mountpoint = || file_cfg.mountpoint.clone();
+    match cli.command {
+        Command::Config(_) => unreachable!("handled above"),
+        Command::Install(args) => install::run(&args)?,
+        Command::Warm {
+            name,
+            paths,
+            mountpoint,
+            json,
+        } => warm::warm(
+            &dir,
+            &name,
+            &paths,
+            mountpoint.or_else(configured_mountpoint),
+            json,
+        )?,
+        Command::Stats {
+            mountpoint,
+            model,
+            json,
+        } => {
+            let mnt = mountpoint.or_else(configured_mountpoint);
+            return stats::stats(mnt.as_deref(), model.as_deref(), json);
+        }
+        Command::Status { mountpoint, json } => {
+            let mnt = mountpoint.or_else(configured_mountpoint);
+            return stats::status(&dir, mnt.as_deref(), json);
+        }
+        Command::Init => store_cmds::init(&dir)?,
+        Command::Import {
+            path,
+            name,
+            replace,
+            follow_symlinks,
+            json,
+        } => import::import(&dir, &path, name, replace, follow_symlinks, json)?,
+        Command::Ls { name, json } => store_cmds::ls(&dir, name.as_deref(), json)?,
+        Command::Rm { names } => store_cmds::rm(&dir, &names)?,
+        Command::Gc { json } => store_cmds::gc(&dir, json)?,
+        Command::Verify { name, json } => return store_cmds::verify(&dir, name.as_deref(), json),
+        Command::Upgrade { json } => store_cmds::upgrade(&dir, json)?,
+        Command::Cat { file } => store_cmds::cat(&dir, &file)?,
+        Command::Mount(args) => return mount::mount(dir, args, config_path, &file_cfg),
+        Command::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy)?,
+        Command::Du { json } => store_cmds::du(&dir, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelfs config check`: load and validate the file (errors name the key).
+fn config_check(path: PathBuf) -> Result<ExitCode> {
+    let cfg = config::FileConfig::load(&path)?;
+    let budget = match &cfg.pin_budget {
+        Some(b) => Some((b.as_str(), config::parse_size(b)?)),
+        None => None,
+    };
+    output::config_ok(&path, budget);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,231 @@
+//! `modelfs mount` and `umount`: the mount's settings (flags over the
+//! configuration file over defaults), the `--daemon` handshake, and
+//! unmounting.
+//!
+//! Why together: they are the mount's life outside the fs crate. `mount`
+//! builds the settings and hands them to `modelfs_fs::mount` with the service
+//! hooks; with `--daemon` it starts itself again detached and waits for the
+//! child's "ready"; `umount` ends it.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use crate::args::{args_without_daemon, MountArgs, PassthroughArg};
+use crate::{config, output, service};
+
+/// Set by `--daemon`'s parent: the child prints "ready" on stdout once mounted.
+pub const READY_ENV: &str = "MODELFS_NOTIFY_READY";
+
+/// In the `--daemon` child, once mounted: tell the parent, then let go of
+/// the parent's stdout and stderr.
+fn notify_ready(log_file: Option<&Path>) {
+    use std::os::fd::AsRawFd;
+    if std::env::var_os(READY_ENV).is_none() {
+        return;
+    }
+    println!("ready");
+    let _ = io::stdout().flush();
+    // The parent has returned: nobody reads our stdout/stderr any more, and
+    // holding them would keep a caller's pipe open forever.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
+    let log = log_file.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+    });
+    if let Ok(null) = &null {
+        // SAFETY: dup2 onto our own standard descriptors.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+    match (log, &null) {
+        // SAFETY: as above.
+        (Some(Ok(f)), _) => unsafe {
+            libc::dup2(f.as_raw_fd(), 2);
+        },
+        // SAFETY: as above.
+        (_, Ok(null)) => unsafe {
+            libc::dup2(null.as_raw_fd(), 2);
+        },
+        _ => {}
+    }
+}
+
+/// Pin budget when neither a flag nor the configuration sets one: locked
+/// pages cannot be reclaimed, so most memory stays free for loaders and the
+/// ordinary page cache.
+pub const DEFAULT_PIN_BUDGET: &str = "25%";
+/// Enough to keep the disk busy for a fraction of a second ahead of a
+/// loader, small next to any serving node's memory.
+pub const DEFAULT_PREFETCH_WINDOW: &str = "256MiB";
+
+/// Readahead of the mount. The kernel offers FUSE 128 KiB; measured here,
+/// copy-mode cold reads keep up with ext4 (whose device uses 8 MiB) only
+/// from about 8 MiB (docs/benchmarks.md).
+pub const DEFAULT_READ_AHEAD_KB: u32 = 8192;
+
+/// Build the mount configuration: flags, else the configuration file, else
+/// defaults. Flag values go through the same validation as the file's keys.
+pub fn mount(
+    store: PathBuf,
+    args: MountArgs,
+    config_path: Option<PathBuf>,
+    file: &config::FileConfig,
+) -> Result<ExitCode> {
+    let merged = config::FileConfig {
+        store: Some(std::path::absolute(&store)?),
+        mountpoint: args
+            .mountpoint
+            .clone()
+            .or(file.mountpoint.clone())
+            .map(|m| std::path::absolute(&m))
+            .transpose()?,
+        pin_budget: args.pin_budget.clone().or(file.pin_budget.clone()),
+        prefetch_window: args
+            .prefetch_window
+            .clone()
+            .or(file.prefetch_window.clone()),
+        passthrough: args
+            .passthrough
+            .map(|p| {
+                if p == PassthroughArg::Off {
+                    "off"
+                } else {
+                    "auto"
+                }
+                .to_string()
+            })
+            .or(file.passthrough.clone()),
+        threads: args.threads.or(file.threads),
+        read_ahead_kb: args.read_ahead_kb.or(file.read_ahead_kb),
+        allow_other: Some(args.allow_other || file.allow_other.unwrap_or(false)),
+        metrics: args.metrics.clone().or(file.metrics.clone()),
+        shutdown_grace: args.shutdown_grace.or(file.shutdown_grace),
+        log: file.log.clone(),
+    };
+    merged
+        .validate()
+        .context("invalid mount settings (flags and configuration)")?;
+    let Some(mountpoint) = merged.mountpoint.clone() else {
+        bail!("no mount point: give one, or set `mountpoint` in the configuration file");
+    };
+    let passthrough = match merged.passthrough.as_deref() {
+        Some("off") => modelfs_fs::Passthrough::Off,
+        _ => modelfs_fs::Passthrough::Auto,
+    };
+    let pin_budget =
+        config::parse_size(merged.pin_budget.as_deref().unwrap_or(DEFAULT_PIN_BUDGET))?;
+    let prefetch_window = config::parse_size(
+        merged
+            .prefetch_window
+            .as_deref()
+            .unwrap_or(DEFAULT_PREFETCH_WINDOW),
+    )?;
+    let metrics = merged
+        .metrics
+        .as_deref()
+        .map(|m| m.parse::<std::net::SocketAddr>())
+        .transpose()
+        .context("metrics address")?;
+    if let Some(l) = &file.log {
+        service::set_log_filter(l);
+    }
+    let cfg = modelfs_fs::MountConfig {
+        store: store.clone(),
+        mountpoint: mountpoint.clone(),
+        allow_other: merged.allow_other.unwrap_or(false),
+        passthrough,
+        threads: merged.threads.unwrap_or(4),
+        read_ahead_kb: merged.read_ahead_kb.unwrap_or(DEFAULT_READ_AHEAD_KB),
+        poll_interval: std::time::Duration::from_millis(200),
+        shutdown_grace: std::time::Duration::from_secs_f64(merged.shutdown_grace.unwrap_or(2.0)),
+        pin_budget,
+        prefetch_window,
+    };
+    if args.daemon {
+        modelfs_fs::check_mountpoint(&mountpoint)?;
+        return daemonize(&mountpoint);
+    }
+    let flag_budget = args
+        .pin_budget
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()?;
+    let live = std::sync::Arc::new(service::Live {
+        pin_budget_flag: flag_budget,
+        ..Default::default()
+    });
+    live.pin_budget
+        .store(pin_budget, std::sync::atomic::Ordering::Relaxed);
+    let log_file = args.log_file.clone();
+    let svc = service::Service {
+        config_path,
+        store,
+        metrics,
+        live,
+        on_ready: std::sync::Mutex::new(Some(Box::new(move || notify_ready(log_file.as_deref())))),
+        vfs: std::sync::OnceLock::new(),
+    };
+    modelfs_fs::mount(&cfg, std::sync::Arc::new(svc))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the mount in a detached child (same arguments, without --daemon) and
+/// return once it reports ready.
+fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(args_without_daemon())
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: setsid in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == "ready" {
+        output::daemon_mounted(mountpoint, child.id());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait()?;
+    bail!("the mount daemon exited before the mount was ready ({status})");
+}
+
+/// `modelfs umount`: only a modelfs mount; `--lazy` detaches at once.
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    match modelfs_fs::mount_entry(mountpoint) {
+        Some((_, fstype)) if fstype == "fuse.modelfs" => {}
+        Some((_, fstype)) => bail!(
+            "{}: not a modelfs mount (it is {fstype})",
+            mountpoint.display()
+        ),
+        None => bail!("{}: not mounted", mountpoint.display()),
+    }
+    if lazy {
+        return Ok(modelfs_fs::lazy_unmount(mountpoint)?);
+    }
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("--")
+        .arg(mountpoint)
+        .status()
+        .context("running fusermount3 (install the fuse3 package)")?;
+    if !status.success() {
+        bail!(
+            "{}: unmount failed (busy? files still open; --lazy detaches now and finishes when they close)",
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
