@@ -47,6 +47,13 @@ ensure_rust() {
     fi
 }
 
+ensure_cargo_tool() {
+    # A cargo subcommand from crates.io, built once into ~/.cargo/bin.
+    command -v "$1" >/dev/null && return 0
+    say "installing $1"
+    cargo install "$1" --locked --quiet
+}
+
 ensure_fuse() {
     # The mount needs /dev/fuse and fusermount3 (Debian package fuse3).
     apt_install fuse3

@@ -16,6 +16,9 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy --all-targets --all-features -- -D warnings"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+say "cargo machete (declared dependencies nothing uses)"
+ensure_cargo_tool cargo-machete
+cargo machete
 say "cargo build --all-features"
 cargo build --workspace --all-features --quiet
 say "cargo test --all-features"

@@ -91,8 +91,9 @@ fn read_copy(vfs: &Vfs, ino: u64, len: usize, step: u32) -> Result<Vec<u8>, i32>
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
+        euid,
         0,
         "this test checks passthrough decisions, which need root (CAP_SYS_ADMIN); run it as root, as CI does"
     );
