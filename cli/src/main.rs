@@ -10,8 +10,8 @@
 //! command line, which is then parsed like any other.
 //!
 //! Where things are: [`args`] defines the command line, [`commands`] runs
-//! each command, [`output`] prints every result, [`service`]
-//! holds the daemon's service duties, [`config`] the configuration file. This
+//! each command, [`output`] prints every result, [`service`] and [`metrics`]
+//! are the daemon's service duties, [`config`] the configuration file. This
 //! file is only the entry point: which program we were invoked as, the log
 //! level, and how an error ends the process.
 
@@ -19,6 +19,7 @@ mod args;
 mod commands;
 mod config;
 mod install;
+mod metrics;
 mod output;
 mod service;
 
