@@ -1,0 +1,247 @@
+//! What an import reads: the model's default name, the Hugging Face cache
+//! layout, the list of files under the symlink policy, and the tensor spans
+//! ONNX models declare in other files. Everything here runs before the
+//! writer lock is taken, and nothing here writes.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use modelfs_formats::TensorSpan;
+
+use crate::error::{Error, IoContext, Result};
+use crate::names::check_relative_path;
+
+/// The name a model gets when `--name` is not given: `org/name` for a Hugging
+/// Face cache repo or snapshot, the directory name for a directory, the file
+/// stem for a single file.
+pub fn default_model_name(source: &Path) -> Option<String> {
+    let abs = std::fs::canonicalize(source).ok()?;
+    if let Some(repo) = hf_repo_dir(&abs) {
+        let dir_name = repo.file_name()?.to_str()?;
+        let rest = dir_name.split_once("--")?.1;
+        return Some(rest.replace("--", "/"));
+    }
+    if abs.is_file() {
+        return Some(abs.file_stem()?.to_str()?.to_string());
+    }
+    Some(abs.file_name()?.to_str()?.to_string())
+}
+
+/// If `dir` is a Hugging Face cache repo (`models--org--name`) or one of its
+/// snapshots, the repo directory.
+fn hf_repo_dir(dir: &Path) -> Option<PathBuf> {
+    let is_repo = |p: &Path| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            ["models--", "datasets--", "spaces--"]
+                .iter()
+                .any(|k| n.starts_with(k))
+        }) && p.join("snapshots").is_dir()
+    };
+    if is_repo(dir) {
+        return Some(dir.to_path_buf());
+    }
+    let parent = dir.parent()?;
+    if parent.file_name()? == "snapshots" {
+        let repo = parent.parent()?;
+        if is_repo(repo) {
+            return Some(repo.to_path_buf());
+        }
+    }
+    None
+}
+
+/// A Hugging Face cache repo directory stands for its `refs/main` snapshot.
+fn resolve_hf_repo(abs: &Path) -> Result<PathBuf> {
+    if !(abs.is_dir() && hf_repo_dir(abs).as_deref() == Some(abs)) {
+        return Ok(abs.to_path_buf());
+    }
+    let refs = abs.join("refs/main");
+    let rev = std::fs::read_to_string(&refs).at(&refs)?;
+    let snap = abs.join("snapshots").join(rev.trim());
+    if !snap.is_dir() {
+        return Err(Error::InvalidInput {
+            path: snap,
+            reason: "refs/main names a snapshot that does not exist".into(),
+        });
+    }
+    Ok(snap)
+}
+
+pub(super) struct SourceFile {
+    pub(super) rel: String,
+    pub(super) abs: PathBuf,
+    pub(super) size: u64,
+    pub(super) executable: bool,
+}
+
+pub(super) struct SourceTree {
+    pub(super) files: Vec<SourceFile>,
+    pub(super) dirs: Vec<String>,
+}
+
+/// List the files to import, applying the symlink policy: links are followed
+/// only when their target stays inside the imported tree (or, for a Hugging
+/// Face snapshot, inside its repo's `blobs/`), unless `follow_symlinks`.
+pub(super) fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
+    let root = std::fs::canonicalize(source).at(source)?;
+    let root = resolve_hf_repo(&root)?;
+    let mut allowed = vec![root.clone()];
+    if let Some(repo) = hf_repo_dir(&root) {
+        allowed.push(repo);
+    }
+    let meta = std::fs::metadata(&root).at(&root)?;
+    if meta.is_file() {
+        return single_file(root, &meta);
+    }
+    if !meta.is_dir() {
+        return Err(Error::InvalidInput {
+            path: root,
+            reason: "not a regular file or directory".into(),
+        });
+    }
+    let mut tree = SourceTree {
+        files: Vec::new(),
+        dirs: Vec::new(),
+    };
+    let mut visited = HashSet::new();
+    visited.insert((meta.dev(), meta.ino()));
+    let mut stack = vec![(root.clone(), String::new())];
+    while let Some((dir, rel_dir)) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .at(&dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()
+            .at(&dir)?;
+        names.sort();
+        for name in names {
+            let abs = dir.join(&name);
+            let rel = relative_name(&abs, &name, &rel_dir)?;
+            let (target, meta) = follow(&abs, follow_symlinks, &allowed)?;
+            if meta.is_dir() {
+                if !visited.insert((meta.dev(), meta.ino())) {
+                    return Err(Error::InvalidInput {
+                        path: abs,
+                        reason: "directory reached twice (symlink loop?)".into(),
+                    });
+                }
+                tree.dirs.push(rel.clone());
+                stack.push((target, rel));
+            } else if meta.is_file() {
+                tree.files.push(SourceFile {
+                    rel,
+                    abs: target,
+                    size: meta.len(),
+                    executable: meta.mode() & 0o111 != 0,
+                });
+            } else {
+                return Err(Error::InvalidInput {
+                    path: abs,
+                    reason: "not a regular file or directory (device, FIFO or socket)".into(),
+                });
+            }
+        }
+    }
+    tree.files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    tree.dirs.sort();
+    Ok(tree)
+}
+
+/// The tree of a single-file import: the file, under its own name.
+fn single_file(root: PathBuf, meta: &Metadata) -> Result<SourceTree> {
+    let name = root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::InvalidInput {
+            path: root.clone(),
+            reason: "file name is not valid UTF-8".into(),
+        })?;
+    let file = SourceFile {
+        rel: name.to_string(),
+        abs: root.clone(),
+        size: meta.len(),
+        executable: meta.mode() & 0o111 != 0,
+    };
+    Ok(SourceTree {
+        files: vec![file],
+        dirs: Vec::new(),
+    })
+}
+
+/// The path in the model of entry `name` (at `abs`) of the directory at
+/// `rel_dir`; names the model could not hold are refused.
+fn relative_name(abs: &Path, name: &OsStr, rel_dir: &str) -> Result<String> {
+    let name = name.to_str().ok_or_else(|| Error::InvalidInput {
+        path: abs.to_path_buf(),
+        reason: "file name is not valid UTF-8".into(),
+    })?;
+    let rel = if rel_dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{rel_dir}/{name}")
+    };
+    check_relative_path(&rel).map_err(|reason| Error::InvalidInput {
+        path: abs.to_path_buf(),
+        reason: format!("unusable file name: {reason}"),
+    })?;
+    Ok(rel)
+}
+
+/// What the entry at `abs` stands for, and its metadata: itself, or the
+/// target of a symlink the policy allows.
+fn follow(abs: &Path, follow_symlinks: bool, allowed: &[PathBuf]) -> Result<(PathBuf, Metadata)> {
+    let lmeta = std::fs::symlink_metadata(abs).at(abs)?;
+    if !lmeta.file_type().is_symlink() {
+        return Ok((abs.to_path_buf(), lmeta));
+    }
+    let target = std::fs::canonicalize(abs).map_err(|e| Error::InvalidInput {
+        path: abs.to_path_buf(),
+        reason: format!("broken symlink ({e})"),
+    })?;
+    if !follow_symlinks && !allowed.iter().any(|a| target.starts_with(a)) {
+        return Err(Error::InvalidInput {
+            path: abs.to_path_buf(),
+            reason: format!(
+                "symlink points outside the imported tree (to {}); pass --follow-symlinks to import it",
+                target.display()
+            ),
+        });
+    }
+    let meta = std::fs::metadata(&target).at(&target)?;
+    Ok((target, meta))
+}
+
+/// For every ONNX model in the tree, the tensor spans it declares in external
+/// data files, keyed by the data file's path in the model.
+pub(super) fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
+    let mut out: HashMap<String, Vec<TensorSpan>> = HashMap::new();
+    for f in tree.files.iter().filter(|f| f.rel.ends_with(".onnx")) {
+        let Ok(file) = File::open(&f.abs) else {
+            continue;
+        };
+        let Ok(Some(layout)) = modelfs_formats::layout(&f.rel, &file) else {
+            continue;
+        };
+        let dir = Path::new(&f.rel).parent().unwrap_or(Path::new(""));
+        for ext in layout.external {
+            let joined = dir.join(&ext.location);
+            // Only plain relative locations inside the model are honoured.
+            if joined
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_)))
+            {
+                continue;
+            }
+            if let Some(rel) = joined.to_str() {
+                out.entry(rel.to_string()).or_default().push(TensorSpan {
+                    offset: ext.offset,
+                    len: ext.len,
+                });
+            }
+        }
+    }
+    out
+}
