@@ -155,7 +155,9 @@ impl BlockId {
 /// evicts it (`[offset, offset + size)` of the object).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resident {
+    /// Which chunk: its object and the offset the range starts at.
     pub block: BlockId,
+    /// Bytes of the range, as given to [`Policy::access`] when admitted.
     pub size: u64,
 }
 
@@ -167,10 +169,14 @@ pub enum Access {
     /// The block was not resident: the read goes to disk. `admitted` says
     /// whether the policy now keeps it (the mount then pins it); a block larger
     /// than the whole budget is never admitted.
-    Miss { admitted: bool },
+    Miss {
+        /// Whether the block is now resident and should be pinned.
+        admitted: bool,
+    },
 }
 
 impl Access {
+    /// Whether the block was already resident.
     pub fn is_hit(self) -> bool {
         self == Access::Hit
     }
@@ -226,7 +232,10 @@ pub trait Policy {
 #[cfg(feature = "sim")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
+    /// [`LruPolicy`], the baseline (`"lru"`).
     Lru,
+    /// [`SharedAwarePolicy`], the cost model the mount runs
+    /// (`"shared-aware"` or `"shared"`).
     SharedAware,
 }
 

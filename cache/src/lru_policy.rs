@@ -16,6 +16,7 @@ pub struct LruPolicy {
 }
 
 impl LruPolicy {
+    /// An empty cache that keeps at most `budget` bytes resident.
     pub fn new(budget: u64) -> Self {
         LruPolicy {
             budget,

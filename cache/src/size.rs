@@ -45,12 +45,16 @@ pub const DEFAULT_BUDGET_PERCENT: u64 = 25;
 /// Why a size did not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum SizeError {
+    /// Not a number with a known unit or a percentage; holds the text as given.
     #[error("invalid size {0:?}: expected a number with an optional unit (B, K, KiB, KB, M, MiB, MB, G, GiB, GB, T, TiB, TB) or a percentage of RAM (\"10%\")")]
     Syntax(String),
+    /// The size does not fit in a `u64` of bytes; holds the text as given.
     #[error("size {0:?} is too large")]
     Overflow(String),
+    /// A percentage above 100; holds the text as given.
     #[error("percentage {0:?} must be between 0 and 100")]
     Percent(String),
+    /// A percentage was given but total RAM could not be read.
     #[error("reading total RAM from /proc/meminfo: {0}")]
     Meminfo(#[source] io::Error),
 }

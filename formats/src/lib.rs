@@ -176,21 +176,36 @@ pub enum ParseError {
     /// hostile length field).
     #[error("{format} file too short: {what} at offset {offset} needs {len} bytes, but the file is {file_len} bytes")]
     PastEnd {
+        /// Format the file was being parsed as.
         format: Format,
+        /// The structure that did not fit, e.g. `"header length"`.
         what: &'static str,
+        /// Byte offset in the file where the structure starts.
         offset: u64,
+        /// Bytes the structure needs from `offset`.
         len: u64,
+        /// Bytes the file actually has.
         file_len: u64,
     },
 
     /// The safetensors header length prefix is larger than the file.
     #[error("safetensors header length {header_len} exceeds file size {file_len}")]
-    SafetensorsHeaderTooLong { header_len: u64, file_len: u64 },
+    SafetensorsHeaderTooLong {
+        /// Header length in bytes, as the 8-byte prefix states it.
+        header_len: u64,
+        /// Bytes the file actually has.
+        file_len: u64,
+    },
 
     /// The safetensors header is larger than any real header, so reading it
     /// would be an attacker-controlled allocation.
     #[error("safetensors header length {header_len} exceeds the {limit}-byte limit")]
-    SafetensorsHeaderOverLimit { header_len: u64, limit: u64 },
+    SafetensorsHeaderOverLimit {
+        /// Header length in bytes, as the 8-byte prefix states it.
+        header_len: u64,
+        /// Largest header length in bytes the parser accepts.
+        limit: u64,
+    },
 
     /// The safetensors header is not the expected JSON.
     #[error("safetensors header is not valid: {0}")]
@@ -202,21 +217,37 @@ pub enum ParseError {
 
     /// Nesting exceeds what any real model uses; refusing protects the stack.
     #[error("{format} structures nested deeper than {limit} levels")]
-    TooDeep { format: Format, limit: u32 },
+    TooDeep {
+        /// Format the file was being parsed as.
+        format: Format,
+        /// Deepest nesting the parser accepts for this format (GGUF arrays
+        /// within arrays, ONNX messages within messages).
+        limit: u32,
+    },
 
     /// Two tensors claim the same bytes, so the header cannot be trusted.
     #[error("{format} tensor data at {first_offset}..{first_end} overlaps tensor data at {second_offset}..{second_end}")]
     OverlappingTensors {
+        /// Format the file was parsed as.
         format: Format,
+        /// File offset of the first byte of the lower-placed tensor.
         first_offset: u64,
+        /// File offset one past the last byte of the lower-placed tensor.
         first_end: u64,
+        /// File offset of the first byte of the tensor that starts inside it.
         second_offset: u64,
+        /// File offset one past the last byte of that tensor.
         second_end: u64,
     },
 
     /// Any other inconsistency in the file's structure.
     #[error("malformed {format} file: {reason}")]
-    Malformed { format: Format, reason: String },
+    Malformed {
+        /// Format the file was being parsed as.
+        format: Format,
+        /// What is inconsistent, for the operator reading the error.
+        reason: String,
+    },
 }
 
 impl ParseError {

@@ -25,7 +25,7 @@ use crate::vfs::{Attr, Vfs};
 /// attributes for long; removals are pushed to it by invalidation.
 const TTL: Duration = Duration::from_secs(3600);
 
-pub struct FuseFs {
+pub(crate) struct FuseFs {
     vfs: Arc<Vfs>,
     uid: u32,
     gid: u32,
@@ -33,7 +33,7 @@ pub struct FuseFs {
 }
 
 impl FuseFs {
-    pub fn new(vfs: Arc<Vfs>) -> FuseFs {
+    pub(crate) fn new(vfs: Arc<Vfs>) -> FuseFs {
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         FuseFs {

@@ -47,11 +47,14 @@ pub enum Opened {
 
 /// What a read of a handle returns.
 pub enum ReadReply {
+    /// Bytes of a stored file, from [`Vfs::read`].
     Data(ReadOut),
+    /// Bytes `start..end` of a generated file's contents, taken at open.
     Generated(Arc<[u8]>, usize, usize),
 }
 
 impl ReadReply {
+    /// The bytes to reply with; shorter than asked for only at end of file.
     pub fn as_slice(&self) -> &[u8] {
         match self {
             ReadReply::Data(out) => out.as_slice(),

@@ -4,8 +4,8 @@
 //! Why it is split the way it is: [`vfs`] holds all the logic (the tree of
 //! models, how a file is opened, how copy-mode bytes are read and checked)
 //! and can be tested without a kernel mount; [`fuse`] is a thin adapter that
-//! translates fuser requests into `vfs` calls; [`mount`] owns the session's
-//! life (checks, signals, catalog watching, post-mount tuning).
+//! translates fuser requests into `vfs` calls; [`mount`](mod@mount) owns the
+//! session's life (checks, signals, catalog watching, post-mount tuning).
 //!
 //! Serving follows ../shared/design-notes.md: identical content is one
 //! inode (page cache shared by every path and process), every open keeps the

@@ -22,11 +22,18 @@ pub enum Passthrough {
     Off,
 }
 
+/// Everything a mount needs to know, gathered by the CLI from flags, the
+/// configuration file and defaults.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
+    /// The store directory to serve.
     pub store: PathBuf,
+    /// Where to mount it: an existing, empty directory.
     pub mountpoint: PathBuf,
+    /// Let every user read the mount, not only its owner (and root); also
+    /// lets an unprivileged mount use `auto_unmount`.
     pub allow_other: bool,
+    /// Whether to try kernel passthrough for whole-file objects.
     pub passthrough: Passthrough,
     /// FUSE worker threads (each with its own cloned /dev/fuse descriptor).
     pub threads: usize,
@@ -43,14 +50,22 @@ pub struct MountConfig {
     pub prefetch_window: u64,
 }
 
+/// Why a mount could not start or ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
+    /// The mount point is unusable (missing, not a directory, not empty, or
+    /// already mounted on): its path and what is wrong.
     #[error("mount point {0}: {1}")]
     MountPoint(PathBuf, String),
+    /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] modelfs_store::Error),
+    /// The FUSE session failed to mount or to run: the mount point and the
+    /// error.
     #[error("mounting {0}: {1}")]
     Mount(PathBuf, std::io::Error),
+    /// The store is writable by every user, so serving it would let anyone
+    /// change what loaders read; says which path and how to fix it.
     #[error("refusing to serve the store: {0}")]
     Unsafe(String),
 }

@@ -23,9 +23,18 @@ use crate::vfs::Vfs;
 /// Counters for stats.json and metrics.
 #[derive(Debug, Default)]
 pub struct PinStats {
+    /// Chunk accesses (a copy-mode read of the chunk, or the chunk offered
+    /// when its file was opened by passthrough) that found it pinned. Not
+    /// counted while the budget is 0.
     pub hits: AtomicU64,
+    /// Chunk accesses that did not find it pinned, whether or not the
+    /// policy pinned it then.
     pub misses: AtomicU64,
+    /// Bytes locked in memory now, each chunk once.
     pub pinned_bytes: AtomicU64,
+    /// Chunks the policy admitted but `mlock` refused (typically over
+    /// `RLIMIT_MEMLOCK`), so they were left unpinned.
+    /// Counted only: stats.json and the metrics do not report it.
     pub lock_failures: AtomicU64,
 }
 
@@ -34,8 +43,12 @@ struct Locked {
     len: u64,
 }
 
+/// The mount's pinned chunks: the [`SharedAwarePolicy`] deciding which
+/// ranges to keep, and the `mlock`s that keep them, under one byte budget
+/// that can change while mounted.
 pub struct Pinner {
     inner: Mutex<Inner>,
+    /// What pinning has done since the mount started.
     pub stats: PinStats,
     budget: AtomicU64,
 }
@@ -60,6 +73,7 @@ impl Pinner {
         }
     }
 
+    /// Bytes that may be pinned now (0: pinning is off).
     pub fn budget(&self) -> u64 {
         self.budget.load(Ordering::Relaxed)
     }

@@ -11,41 +11,47 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use modelfs_store::{ContentId, ContentInfo, ObjectId, Snapshot, RESERVED_NAME};
 
+/// Inode of the mount's root directory (FUSE's fixed root inode).
 pub const ROOT_INO: u64 = 1;
 /// `.modelfs/` at the root, and `.modelfs/stats.json` in it.
 pub const CONTROL_DIR_INO: u64 = 2;
+/// Inode of `.modelfs/stats.json`, generated afresh at every open.
 pub const STATS_INO: u64 = 3;
-pub const STATS_NAME: &str = "stats.json";
+pub(crate) const STATS_NAME: &str = "stats.json";
 /// File inodes are `FILE_INO_BASE + content id`.
 const FILE_INO_BASE: u64 = 1 << 32;
 /// Directory inodes have this bit set, the rest is a hash of the path.
 const DIR_INO_FLAG: u64 = 1 << 62;
 
 #[derive(Debug)]
-pub struct DirNode {
+pub(crate) struct DirNode {
     pub parent: u64,
     pub children: BTreeMap<String, u64>,
     pub subdirs: u32,
     pub mtime: SystemTime,
 }
 
+/// A file inode: one distinct content, however many paths show it.
 #[derive(Debug)]
 pub struct FileNode {
-    pub content: Arc<ContentInfo>,
+    pub(crate) content: Arc<ContentInfo>,
     /// One `model/path` this content appears as, for log messages.
-    pub label: String,
-    pub mode: u32,
-    pub nlink: u32,
-    pub mtime: SystemTime,
+    pub(crate) label: String,
+    pub(crate) mode: u32,
+    pub(crate) nlink: u32,
+    pub(crate) mtime: SystemTime,
 }
 
 /// An immutable view of the mount at one catalog version.
 #[derive(Debug, Default)]
 pub struct Tree {
-    pub dirs: HashMap<u64, DirNode>,
+    pub(crate) dirs: HashMap<u64, DirNode>,
+    /// File inodes by inode number; one per distinct content.
     pub files: HashMap<u64, FileNode>,
-    /// Number of models and the sum of their file sizes (for status lines).
+    /// Number of models (for status lines).
     pub models: usize,
+    /// Sum of the models' file sizes in bytes, shared bytes counted in every
+    /// model and file that has them.
     pub logical_bytes: u64,
     /// For each chunk location (object, offset): how many models reference it.
     pub chunk_refs: HashMap<(ObjectId, u64), u32>,
@@ -56,7 +62,7 @@ pub struct Tree {
     pub model_contents: BTreeMap<String, Vec<ContentId>>,
 }
 
-pub fn file_ino(content_id: ContentId) -> u64 {
+pub(crate) fn file_ino(content_id: ContentId) -> u64 {
     FILE_INO_BASE + content_id.0 as u64
 }
 
@@ -71,7 +77,7 @@ fn time_of(ns: i64) -> SystemTime {
 }
 
 impl Tree {
-    pub fn build(snap: &Snapshot, mounted_at: SystemTime) -> Tree {
+    pub(crate) fn build(snap: &Snapshot, mounted_at: SystemTime) -> Tree {
         let mut t = Tree {
             models: snap.models.len(),
             logical_bytes: snap.models.iter().map(|m| m.logical_bytes).sum(),

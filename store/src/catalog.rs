@@ -78,34 +78,55 @@ pub(crate) struct Catalog {
 /// A model as listed by `ls`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
+    /// Catalog row id; [`Snapshot::entries`] names a model's entries by it.
     #[serde(skip)]
     pub id: i64,
+    /// Model name: a relative `/`-separated path, the model's directory
+    /// under the mount point.
     pub name: String,
+    /// Number of files in the model (directories not counted).
     pub files: u64,
+    /// Sum of the files' sizes in bytes, as the model's reader sees them:
+    /// bytes shared with other models or between files count every time.
     pub logical_bytes: u64,
     /// Import time, nanoseconds since the Unix epoch.
     pub imported_at_ns: i64,
+    /// Absolute, symlink-resolved path that was imported; informational only.
     pub source: String,
 }
 
 /// A file or directory inside a model.
 #[derive(Debug, Clone)]
 pub struct EntryInfo {
+    /// Path inside the model, `/`-separated, without a leading `/`.
     pub path: String,
+    /// Whether the entry is a directory rather than a regular file.
     pub is_dir: bool,
+    /// The file's content; `None` for a directory.
     pub content: Option<ContentId>,
+    /// Permission bits to present: 0o444 or 0o555 for a file (0o555 if the
+    /// source had any execute bit), 0o555 for a directory.
     pub mode: u32,
 }
 
 /// A distinct file content.
 #[derive(Debug, Clone)]
 pub struct ContentInfo {
+    /// Catalog id, never reused; the mount derives inode numbers from it.
     pub id: ContentId,
+    /// The content key: BLAKE3 over the chunk list, so equal keys mean
+    /// equal bytes.
     pub hash: ContentKey,
+    /// Bytes of the file; the segments' lengths add up to it.
     pub size: u64,
     /// Set when an object file exists that is byte-identical to this content.
     pub whole_object: Option<ObjectId>,
+    /// The parser that located tensors at import (`safetensors`, `torch`,
+    /// `gguf`, `onnx`); `None` if the file was cut by content alone.
+    /// Informational: reading does not depend on it.
     pub format: Option<String>,
+    /// The recipe: every chunk of the file in file order, each with where
+    /// its bytes are stored. Empty for an empty file.
     pub segments: Vec<Segment>,
 }
 
@@ -245,19 +266,20 @@ impl Catalog {
     }
 
     pub fn content(&self, id: ContentId) -> Result<ContentInfo> {
-        let row = self.sql(|c| {
-            c.prepare_cached(
+        let row = self
+            .sql(|c| {
+                c.prepare_cached(
                 "SELECT id, hash, size, whole_object, format, recipe FROM contents WHERE id = ?1",
             )?
             .query_row([id], raw_content)
-        })
-        .map_err(|e| match e {
-            Error::Catalog {
-                source: rusqlite::Error::QueryReturnedNoRows,
-                ..
-            } => Error::ContentRemoved,
-            e => e,
-        })?;
+            })
+            .map_err(|e| match e {
+                Error::Catalog {
+                    source: rusqlite::Error::QueryReturnedNoRows,
+                    ..
+                } => Error::ContentRemoved,
+                e => e,
+            })?;
         self.content_from_row(row)
     }
 
@@ -340,11 +362,7 @@ impl Catalog {
 
     /// Stored chunks of length `len` whose fingerprint is `fast` (candidates for
     /// holding the same bytes; only comparing the bytes tells).
-    pub fn chunks_by_fast(
-        &self,
-        fast: u64,
-        len: u32,
-    ) -> Result<Vec<(ChunkHash, ObjectId, u64)>> {
+    pub fn chunks_by_fast(&self, fast: u64, len: u32) -> Result<Vec<(ChunkHash, ObjectId, u64)>> {
         self.sql(|c| {
             let mut st = c.prepare_cached(
                 "SELECT hash, object, offset FROM chunks WHERE fast = ?1 AND length = ?2 LIMIT 4",
@@ -401,7 +419,14 @@ impl Catalog {
 
 /// A `contents` row as stored (id, hash, size, whole_object, format, recipe),
 /// decoded and checked by `Catalog::content_from_row`.
-type RawContent = (ContentId, Vec<u8>, i64, Option<i64>, Option<String>, Vec<u8>);
+type RawContent = (
+    ContentId,
+    Vec<u8>,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Vec<u8>,
+);
 
 fn raw_content(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawContent> {
     Ok((
@@ -437,9 +462,11 @@ fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntryInfo> {
 /// Everything the mount needs, read in one transaction so it is consistent.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Every model, ordered by name.
     pub models: Vec<ModelInfo>,
     /// (model id, entry) for every entry of every model.
     pub entries: Vec<(i64, EntryInfo)>,
+    /// Every content some entry uses, by id.
     pub contents: std::collections::HashMap<ContentId, ContentInfo>,
 }
 

@@ -19,9 +19,13 @@ use crate::recipe::content_key;
 /// the mount's read requests, so a copy-mode read verifies about one chunk.
 pub const TENSOR_PIECE: u64 = 1 << 20;
 /// FastCDC parameters for non-tensor bytes (64 KiB average, as the usual
-/// baseline for content-defined chunking).
+/// baseline for content-defined chunking). Smallest chunk in bytes, except
+/// the last of a region, which may be shorter.
 pub const CDC_MIN: usize = 16 << 10;
+/// Bytes FastCDC aims for on average in non-tensor bytes.
 pub const CDC_AVG: usize = 64 << 10;
+/// Largest content-defined chunk in bytes: FastCDC cuts here if it has
+/// found no boundary yet.
 pub const CDC_MAX: usize = 256 << 10;
 
 /// A run of bytes of a file and how to cut it.

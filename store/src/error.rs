@@ -6,42 +6,84 @@ use std::path::PathBuf;
 /// to someone importing a tree of hundreds of files.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A system call on a file or directory failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory it failed on (`<output>` for the writer a
+        /// file was being copied to).
         path: PathBuf,
+        /// What the system call reported.
         #[source]
         source: io::Error,
     },
+    /// SQLite failed on the catalog.
     #[error("catalog {path}: {source}")]
     Catalog {
+        /// Path of the catalog database.
         path: PathBuf,
+        /// What SQLite reported.
         #[source]
         source: rusqlite::Error,
     },
+    /// A model name breaks the naming rules (see [`crate::validate_model_name`]).
     #[error("invalid model name {name:?}: {reason}")]
-    InvalidName { name: String, reason: String },
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// A path given to the store (an import source, a file inside it, or a
+    /// `MODEL/PATH` argument) cannot be used.
     #[error("{path}: {reason}")]
-    InvalidInput { path: PathBuf, reason: String },
+    InvalidInput {
+        /// The path as given or found.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// An import would replace a model of the same name without being asked
+    /// to; holds the name.
     #[error("model {0:?} already exists (use --replace to overwrite it)")]
     ModelExists(String),
+    /// No model has this name; holds the name.
     #[error("no model named {0:?}")]
     NoSuchModel(String),
+    /// The model exists but has no file at this path.
     #[error("no file {path:?} in model {model:?}")]
-    NoSuchFile { model: String, path: String },
+    NoSuchFile {
+        /// Name of the model.
+        model: String,
+        /// Path inside the model that was asked for.
+        path: String,
+    },
+    /// Stored data contradicts itself (a chunk not matching its hash, a
+    /// truncated object, a malformed recipe); the message says where.
     #[error("{0}")]
     Corrupt(String),
     /// An object file the catalog refers to does not exist: damage, unless
     /// the content that used it was removed and collected meanwhile.
     #[error("object {} is missing", path.display())]
-    ObjectMissing { path: PathBuf },
+    ObjectMissing {
+        /// Where the object file should be.
+        path: PathBuf,
+    },
     /// The content was removed (and may have been collected) while it was
     /// being opened.
     #[error("the file was removed from the store")]
     ContentRemoved,
+    /// The directory is not a store this modelfs can open: no catalog, or a
+    /// catalog of another schema version.
     #[error("{path}: not a modelfs store ({reason})")]
-    NotAStore { path: PathBuf, reason: String },
+    NotAStore {
+        /// The directory (or catalog file) that was opened.
+        path: PathBuf,
+        /// What is missing or which version was found.
+        reason: String,
+    },
 }
 
+/// The store's result type: [`Error`] unless another error is named.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Attach a path to an io::Error: `file.read(..).at(&path)?`.

@@ -14,26 +14,39 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 use crate::error::{IoContext, Result};
-use crate::locks;
 use crate::ids::{ChunkHash, ObjectId};
+use crate::locks;
 use crate::Store;
 
 const BLOCK: u64 = 4096;
 
+/// What one [`Store::gc`] removed and how much disk space it gave back.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GcReport {
+    /// Contents no model's file uses any more, deleted from the catalog.
     pub contents_removed: u64,
+    /// Chunks no remaining content uses, deleted from the chunk index.
     pub chunks_removed: u64,
+    /// Object files nothing references, unlinked (including those of
+    /// imports killed before their commit).
     pub objects_removed: u64,
+    /// Object files still in use whose dead ranges were punched out, when
+    /// that freed any blocks.
     pub objects_punched: u64,
     /// Objects with dead ranges left alone because a reader has them open.
     pub objects_busy: u64,
+    /// Disk space given back in bytes, as allocated blocks (not file sizes):
+    /// unlinked objects plus punched ranges.
     pub bytes_freed: u64,
     /// Load traces of contents no model has any more.
     pub traces_removed: u64,
 }
 
 impl Store {
+    /// Delete everything no model references: catalog rows first, in one
+    /// transaction, then unreferenced object files, then dead ranges of
+    /// live objects (skipping any a reader has open) and orphaned load
+    /// traces. Takes the writer lock, so it waits for a running import.
     pub fn gc(&mut self) -> Result<GcReport> {
         let _lock = self.lock_writer(|| {})?;
         let mut report = GcReport::default();

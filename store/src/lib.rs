@@ -42,9 +42,9 @@ pub use catalog::{ContentInfo, EntryInfo, ModelInfo, Snapshot};
 pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
 pub use error::{Error, Result};
 pub use gc::GcReport;
+pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
 pub use names::{check_relative_path, validate_model_name, RESERVED as RESERVED_NAME};
-pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
 pub use object::MappedObject;
 pub use read::{whole_object_matches, FileReader};
 pub use recipe::Segment;
@@ -85,15 +85,24 @@ pub struct Store {
 /// How a file of a model is stored, as the mount needs to know it.
 #[derive(Debug, Clone)]
 pub struct FileInfo {
+    /// Path inside the model, `/`-separated, without a leading `/`.
     pub path: String,
+    /// Bytes of the file.
     pub size: u64,
+    /// The content key the file is stored under; equal keys mean equal bytes.
     pub hash: ContentKey,
+    /// Catalog id of the file's content, shared by every identical file.
     pub content_id: ContentId,
+    /// Permission bits to present: 0o444, or 0o555 if the source file had
+    /// any execute bit.
     pub mode: u32,
     /// Path of an object file byte-identical to this file, if there is one
     /// (servable by kernel passthrough). `None`: the file is a recipe of chunks.
     pub whole_object: Option<PathBuf>,
+    /// Number of chunks in the file's recipe (0 for an empty file).
     pub chunks: usize,
+    /// The parser that located tensors at import (`safetensors`, `torch`,
+    /// `gguf`, `onnx`); `None` if the file was cut by content alone.
     pub format: Option<String>,
 }
 
@@ -143,6 +152,7 @@ impl Store {
         })
     }
 
+    /// The store directory, absolute.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -183,6 +193,7 @@ impl Store {
         locks::WriterLock::acquire(&self.root.join(LOCK_FILE), on_wait)
     }
 
+    /// Every model, ordered by name.
     pub fn models(&self) -> Result<Vec<ModelInfo>> {
         self.catalog.models()
     }

@@ -62,10 +62,12 @@ impl MappedObject {
         })
     }
 
+    /// The object's catalog id.
     pub fn id(&self) -> ObjectId {
         self.id
     }
 
+    /// Where the object file is, for error messages and logs.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -81,10 +83,12 @@ impl MappedObject {
         &self.map
     }
 
+    /// Bytes mapped: the file's length when it was opened.
     pub fn len(&self) -> u64 {
         self.map.len() as u64
     }
 
+    /// Whether the mapping holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

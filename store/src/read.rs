@@ -58,14 +58,18 @@ impl FileReader {
         })
     }
 
+    /// The content being read, with its recipe.
     pub fn content(&self) -> &Arc<ContentInfo> {
         &self.content
     }
 
+    /// Bytes of the file.
     pub fn size(&self) -> u64 {
         self.content.size
     }
 
+    /// The file's chunks in file order; segment `i` starts at
+    /// [`segment_start(i)`](Self::segment_start).
     pub fn segments(&self) -> &[Segment] {
         &self.content.segments
     }
@@ -171,7 +175,9 @@ impl FileReader {
 
     /// Read up to `buf.len()` bytes at `offset`; every chunk touched is checked.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let end = offset.saturating_add(buf.len() as u64).min(self.content.size);
+        let end = offset
+            .saturating_add(buf.len() as u64)
+            .min(self.content.size);
         let mut done = 0usize;
         for i in self.segments_in(offset, end) {
             let seg = self.checked_segment(i)?;

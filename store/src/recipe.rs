@@ -47,9 +47,13 @@ pub fn fingerprint(chunk: &[u8]) -> u64 {
 /// One chunk of a file: its hash and where its bytes live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// BLAKE3 of the chunk's bytes.
     pub hash: ChunkHash,
+    /// The object file holding the bytes.
     pub object: ObjectId,
+    /// Byte offset of the chunk inside that object.
     pub object_offset: u64,
+    /// Bytes of the chunk; never 0.
     pub len: u32,
 }
 

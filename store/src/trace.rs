@@ -35,6 +35,8 @@ pub const MAX_RANGES: usize = 65_536;
 pub struct LoadTrace {
     /// Size of the file the trace was recorded on.
     pub file_size: u64,
+    /// `(offset, len)` in bytes, in first-touch order; disjoint, each
+    /// non-empty and inside the file, at most [`MAX_RANGES`].
     pub ranges: Vec<(u64, u64)>,
 }
 
@@ -44,7 +46,9 @@ impl LoadTrace {
         self.ranges.iter().map(|r| r.1).sum()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The trace file's bytes (docs/store-format.md section 4a): header,
+    /// ranges, then a BLAKE3 of everything before it.
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_BYTES + self.ranges.len() * RANGE_BYTES + 32);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -113,6 +117,8 @@ pub struct TraceRecorder {
 }
 
 impl TraceRecorder {
+    /// An empty recorder for a file of `file_size` bytes; reads past that
+    /// size are not recorded.
     pub fn new(file_size: u64) -> TraceRecorder {
         TraceRecorder {
             trace: LoadTrace {
@@ -133,6 +139,7 @@ impl TraceRecorder {
         self.covered >= self.trace.file_size || self.trace.ranges.len() >= MAX_RANGES
     }
 
+    /// The trace recorded so far.
     pub fn trace(&self) -> &LoadTrace {
         &self.trace
     }
@@ -194,7 +201,9 @@ impl Store {
     }
 }
 
-pub fn trace_path(store_root: &Path, hash: &ContentKey) -> PathBuf {
+/// Path of the trace of the content with key `hash` in the store at
+/// `store_root`: `traces/<first two hex digits>/<hex key>`.
+pub(crate) fn trace_path(store_root: &Path, hash: &ContentKey) -> PathBuf {
     let hex = hash.to_hex();
     store_root.join(TRACES_DIR).join(&hex[..2]).join(hex)
 }

@@ -21,12 +21,19 @@ use crate::ids::{ContentId, ContentKey, ObjectId};
 use crate::recipe::fingerprint;
 use crate::{chunker, Store, CATALOG_FILE};
 
+/// What one [`Store::upgrade`] converted. Equal versions mean the store was
+/// already current and nothing was read.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpgradeReport {
+    /// Catalog schema version found.
     pub from_version: i64,
+    /// Catalog schema version the store has now.
     pub to_version: i64,
+    /// Contents whose key was derived again from their bytes.
     pub contents: u64,
+    /// Bytes read (and checked) to do it: each content's size, once.
     pub bytes_read: u64,
+    /// Load traces renamed to their content's new key.
     pub traces_renamed: u64,
 }
 

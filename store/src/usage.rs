@@ -7,9 +7,12 @@ use crate::error::Result;
 use crate::ids::{ChunkHash, ContentId, ObjectId};
 use crate::{Store, CATALOG_FILE, OBJECTS_DIR};
 
+/// One model's share of the store, as [`Usage::models`] lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelUsage {
+    /// Name of the model.
     pub name: String,
+    /// Number of files in the model (directories not counted).
     pub files: u64,
     /// Sum of the sizes of the model's files.
     pub logical_bytes: u64,
@@ -19,6 +22,7 @@ pub struct ModelUsage {
     pub shared_bytes: u64,
 }
 
+/// Disk use of the whole store and what deduplication saves (`du`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Usage {
     /// Sum of all models' file sizes: what plain copies would occupy.
@@ -33,10 +37,13 @@ pub struct Usage {
     pub unreferenced_bytes: u64,
     /// logical_bytes / stored_bytes.
     pub dedup_ratio: f64,
+    /// Per model, ordered by name.
     pub models: Vec<ModelUsage>,
 }
 
 impl Store {
+    /// Measure the store: every model's logical, unique and shared bytes,
+    /// and the disk space of objects and catalog.
     pub fn usage(&self) -> Result<Usage> {
         let models = self.models()?;
         let mut users_of_content: HashMap<ContentId, HashSet<i64>> = HashMap::new();

@@ -10,23 +10,34 @@ use crate::Store;
 /// A damaged file of a model.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Damage {
+    /// Name of the model.
     pub model: String,
+    /// Path of the file inside the model.
     pub path: String,
+    /// The error reading it back gave (which chunk, which object).
     pub reason: String,
 }
 
+/// What one [`Store::verify`] checked and what it found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyReport {
+    /// Models whose files were checked.
     pub models_checked: u64,
+    /// Files of those models, counting each file of a shared content.
     pub files_checked: u64,
+    /// Distinct contents read: each once, however many files share it.
     pub contents_checked: u64,
+    /// Bytes read and hashed: the sizes of the distinct contents.
     pub bytes_checked: u64,
     /// Problems of the catalog database itself (SQLite integrity check).
     pub catalog_problems: Vec<String>,
+    /// Every file of a checked model whose content failed, ordered by model
+    /// then path; all files sharing a damaged content are listed.
     pub damaged: Vec<Damage>,
 }
 
 impl VerifyReport {
+    /// Whether nothing was found wrong: no damaged file and no catalog problem.
     pub fn is_clean(&self) -> bool {
         self.damaged.is_empty() && self.catalog_problems.is_empty()
     }

@@ -31,6 +31,7 @@ pub enum SimPolicy {
 }
 
 impl SimPolicy {
+    /// Every policy, in the order reports list them.
     pub const ALL: [SimPolicy; 4] = [
         SimPolicy::Lru,
         SimPolicy::SharedAware,
@@ -52,9 +53,13 @@ impl SimPolicy {
 /// A whole experiment: one family, one trace, several budgets.
 #[derive(Clone, Debug, Serialize)]
 pub struct SimSpec {
+    /// The models to generate and what they share; its seed also drives the
+    /// load order.
     pub family: FamilySpec,
     /// Model loads, drawn from a Zipf distribution over the models.
     pub loads: usize,
+    /// Zipf exponent `s`: the model of popularity rank `k` (a random ranking)
+    /// is drawn with weight `k^-s`; 0 is uniform, larger is more skewed.
     pub zipf_s: f64,
     /// Instead: load every model exactly once, in a random order (a rollout,
     /// every variant cold-started once: the case with no access history to

@@ -47,7 +47,11 @@ pub struct FamilySpec {
     pub layers: usize,
     /// Fraction of tensors each fine-tune replaces (chosen at random).
     pub finetune_fraction: f64,
+    /// Whether models share blocks, or the same shapes get fresh blocks (the
+    /// control).
     pub sharing: Sharing,
+    /// Seed of every random choice in generating the family and its loads,
+    /// so a spec always yields the same experiment.
     pub seed: u64,
 }
 
@@ -69,18 +73,23 @@ impl Default for FamilySpec {
 /// One block of a model's files, in the order a load reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelBlock {
+    /// The chunk: its object and offset there.
     pub block: BlockId,
+    /// Bytes of the chunk.
     pub size: u64,
 }
 
+/// One generated model: the blocks a load of it reads.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// Name in reports (`base`, `finetune-3`, `base-resaved`, `standalone-1`).
     pub name: String,
     /// The model's blocks in file order (a block occurs at most once).
     pub blocks: Vec<ModelBlock>,
 }
 
 impl Model {
+    /// Bytes a load of the model reads: the sum of its block sizes.
     pub fn bytes(&self) -> u64 {
         self.blocks.iter().map(|b| b.size).sum()
     }
@@ -89,6 +98,8 @@ impl Model {
 /// A generated model family and each block's reference count.
 #[derive(Clone, Debug)]
 pub struct Family {
+    /// The base first, then fine-tunes, re-saved copies and standalone
+    /// models; a load order indexes into this.
     pub models: Vec<Model>,
     /// Number of models containing each block.
     pub refs: HashMap<BlockId, u32>,

@@ -10,6 +10,8 @@ use crate::Policy;
 /// Bytes and requests of one replay.
 #[derive(Clone, Debug, Serialize)]
 pub struct Outcome {
+    /// Which policy: its [`SimPolicy::label`](super::SimPolicy::label) in
+    /// a [`run`](super::run), else [`Policy::name`] (or `"oracle"`).
     pub policy: &'static str,
     /// Bytes read by all loads.
     pub accessed_bytes: u64,
@@ -19,6 +21,7 @@ pub struct Outcome {
     pub disk_bytes: u64,
     /// Blocks read from disk (misses).
     pub disk_reads: u64,
+    /// `hit_bytes / accessed_bytes`, from 0 to 1.
     pub byte_hit_ratio: f64,
     /// `disk_bytes` relative to LRU's on the same trace and budget: -0.4 is
     /// 40% fewer bytes than LRU.

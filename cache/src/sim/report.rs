@@ -10,27 +10,36 @@ use super::{Outcome, Sharing, SimPolicy, SimSpec};
 /// [`BudgetRun`] per budget.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The experiment that was run.
     pub spec: SimSpec,
+    /// Models in the family, standalone ones included.
     pub models: usize,
     /// Mean size of one model.
     pub model_bytes: u64,
+    /// Distinct bytes of all the family's models (shared blocks once):
+    /// what budgets are fractions of.
     pub working_set_bytes: u64,
     /// Bytes the loads read in total.
     pub accessed_bytes: u64,
     /// Distinct bytes the trace touches: misses no policy can avoid.
     pub cold_bytes: u64,
+    /// One entry per budget, in the order the spec lists them.
     pub runs: Vec<BudgetRun>,
 }
 
 /// Every compared policy's outcome at one budget.
 #[derive(Clone, Debug, Serialize)]
 pub struct BudgetRun {
+    /// The budget as a fraction of the working set, as the spec gave it.
     pub budget_fraction: f64,
+    /// The same budget in bytes.
     pub budget_bytes: u64,
+    /// One entry per compared policy, in the order they were asked for.
     pub outcomes: Vec<Outcome>,
 }
 
 impl BudgetRun {
+    /// The outcome of `policy`, if it was among those compared.
     pub fn outcome(&self, policy: SimPolicy) -> Option<&Outcome> {
         self.outcomes.iter().find(|o| o.policy == policy.label())
     }

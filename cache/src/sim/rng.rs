@@ -8,6 +8,8 @@
 pub struct XorShift64(u64);
 
 impl XorShift64 {
+    /// A generator whose sequence is fixed by `seed`; every seed, 0 included,
+    /// is usable.
     pub fn new(seed: u64) -> Self {
         // splitmix64 of the seed: any seed (0 included) gives a good state.
         let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -16,6 +18,7 @@ impl XorShift64 {
         XorShift64((z ^ (z >> 31)) | 1)
     }
 
+    /// The next 64 uniformly distributed bits.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -35,6 +38,7 @@ impl XorShift64 {
         self.next_u64() % n
     }
 
+    /// Put `items` in a uniformly random order (Fisher-Yates).
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             items.swap(i, self.below(i as u64 + 1) as usize);

@@ -3,9 +3,9 @@
 //! are read and checked. The FUSE adapter only translates.
 //!
 //! Split by job: this file holds the tree (lookups, attributes, listings,
-//! catalog refresh) and the open decision; [`read`] the copy-mode read path
-//! and the checks before bytes are served; [`traces`] load-trace recording
-//! and replay; [`report`] the stats snapshot.
+//! catalog refresh) and the open decision; `read` the copy-mode read path
+//! and the checks before bytes are served; `traces` load-trace recording
+//! and replay; `report` the stats snapshot.
 
 mod read;
 mod report;
@@ -38,11 +38,21 @@ pub struct Changes {
 /// What a stat shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
+    /// Inode number (see [`crate::tree`] for how it is derived).
     pub ino: u64,
+    /// Bytes of the file; 0 for directories and for stats.json, whose
+    /// contents are generated at each open.
     pub size: u64,
+    /// Whether it is a directory rather than a regular file.
     pub is_dir: bool,
+    /// Permission bits: 0o444, or 0o555 for directories and executables.
     pub perm: u16,
+    /// Links: paths showing a file's content, or 2 plus the subdirectories
+    /// of a directory.
     pub nlink: u32,
+    /// Import time of the model it belongs to (the earliest, for a content
+    /// several models share); mount time for the root and `.modelfs`; the
+    /// time of the stat for stats.json.
     pub mtime: SystemTime,
 }
 
@@ -52,7 +62,9 @@ pub struct DirEntry {
     /// Offset of the entry after this one (what the kernel passes back to
     /// continue the listing).
     pub next_offset: u64,
+    /// The entry's name in the directory.
     pub name: String,
+    /// The entry's attributes.
     pub attr: Attr,
 }
 
@@ -60,6 +72,8 @@ pub struct DirEntry {
 pub enum OpenPlan {
     /// Kernel passthrough to this whole-file object (mapped and locked).
     Passthrough(Arc<MappedObject>),
+    /// Copy mode: the daemon serves reads of this open content with
+    /// [`Vfs::read`], checking each chunk.
     Copy(Arc<OpenContent>),
     /// A generated file (stats.json): these bytes.
     Generated(Vec<u8>),
@@ -77,6 +91,9 @@ pub struct VfsConfig {
     pub prefetch_window: u64,
 }
 
+/// The mounted filesystem without FUSE: the tree of models at the latest
+/// catalog version, open contents and their checks, and the counters.
+/// Shared by every FUSE worker thread.
 pub struct Vfs {
     store: Mutex<Store>,
     store_root: PathBuf,
@@ -92,13 +109,17 @@ pub struct Vfs {
     /// Result of checking a whole-file object once per mount: true = intact.
     whole_checked: Mutex<HashMap<ContentId, Arc<OnceLock<bool>>>>,
     passthrough: AtomicBool,
+    /// Request-path counters behind stats.json and the metrics.
     pub stats: Stats,
+    /// The chunks locked in memory, and their budget.
     pub pinner: crate::pin::Pinner,
     /// Passthrough opens whose chunks the pin worker should consider.
     pin_queue: Mutex<Option<std::sync::mpsc::Sender<Arc<ContentInfo>>>>,
 }
 
 impl Vfs {
+    /// Open the store at `store_root` and build the tree from its catalog.
+    /// Passthrough is enabled only if asked for and running as root.
     pub fn new(store_root: &Path, config: &VfsConfig) -> modelfs_store::Result<Vfs> {
         // Registering passthrough backing files needs CAP_SYS_ADMIN.
         // SAFETY: geteuid has no preconditions.
@@ -126,14 +147,17 @@ impl Vfs {
         })
     }
 
-    pub fn store_root(&self) -> &Path {
+    pub(crate) fn store_root(&self) -> &Path {
         &self.store_root
     }
 
+    /// The tree as of the last refresh; it does not change under the caller.
     pub fn tree(&self) -> Arc<Tree> {
         self.tree.read().expect("tree lock").clone()
     }
 
+    /// Whether opens of whole-file objects are served by passthrough now
+    /// (false once the kernel has refused it).
     pub fn passthrough_enabled(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
     }
@@ -178,7 +202,8 @@ impl Vfs {
         }))
     }
 
-    pub fn attr(&self, tree: &Tree, ino: u64) -> Option<Attr> {
+    /// What a stat of `ino` in `tree` shows; None if no such inode.
+    pub(crate) fn attr(&self, tree: &Tree, ino: u64) -> Option<Attr> {
         if ino == STATS_INO {
             return Some(Attr {
                 ino,
@@ -209,6 +234,8 @@ impl Vfs {
         })
     }
 
+    /// The entry `name` of directory `parent` in the current tree; None if
+    /// `parent` is not a directory or has no such entry.
     pub fn lookup(&self, parent: u64, name: &str) -> Option<Attr> {
         let tree = self.tree();
         let ino = *tree.dirs.get(&parent)?.children.get(name)?;
@@ -243,7 +270,9 @@ impl Vfs {
     /// Decide how to serve an open of `ino`. Errors are errno values.
     pub fn open(&self, ino: u64) -> Result<OpenPlan, i32> {
         if ino == STATS_INO {
-            return Ok(OpenPlan::Generated(self.mount_stats().to_json().into_bytes()));
+            return Ok(OpenPlan::Generated(
+                self.mount_stats().to_json().into_bytes(),
+            ));
         }
         if ino == ROOT_INO || ino == CONTROL_DIR_INO {
             return Err(libc::EISDIR);

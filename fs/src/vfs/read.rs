@@ -16,11 +16,16 @@ use crate::open_content::{ContentState, OpenContent};
 /// Bytes answering a read: a slice of a mapped object, or a copy assembled
 /// from several chunks.
 pub enum ReadOut {
+    /// Bytes `start..end` of the object's mapping: consecutive chunks stored
+    /// back to back, served without a copy.
     Mapped(Arc<MappedObject>, usize, usize),
+    /// Chunks from different places, copied together (or nothing, past the
+    /// end of the file).
     Owned(Vec<u8>),
 }
 
 impl ReadOut {
+    /// The bytes read; shorter than asked for only at end of file.
     pub fn as_slice(&self) -> &[u8] {
         match self {
             ReadOut::Mapped(o, start, end) => &o.bytes()[*start..*end],
@@ -81,7 +86,12 @@ impl Vfs {
         Ok(intact.then_some(object))
     }
 
-    fn check_whole_object(&self, content: &ContentInfo, object: &MappedObject, label: &str) -> bool {
+    fn check_whole_object(
+        &self,
+        content: &ContentInfo,
+        object: &MappedObject,
+        label: &str,
+    ) -> bool {
         let path = object.path().display();
         if object.len() != content.size {
             error!(object = %path, file = label, size = object.len(), "whole-file object has the wrong size");
@@ -113,12 +123,9 @@ impl Vfs {
             .expect("contents lock")
             .entry(content.id)
             .or_insert_with(|| {
-                let saved = modelfs_store::trace::read_trace(
-                    &self.store_root,
-                    &content.hash,
-                    content.size,
-                )
-                .map_or(0, |t| t.covered());
+                let saved =
+                    modelfs_store::trace::read_trace(&self.store_root, &content.hash, content.size)
+                        .map_or(0, |t| t.covered());
                 Arc::new(ContentState::new(&content, saved))
             })
             .clone();

@@ -9,6 +9,7 @@ use crate::stats::{ModelStats, MountStats, ServingMode};
 use crate::tree::Tree;
 
 impl Vfs {
+    /// A snapshot of every counter, as `.modelfs/stats.json` shows it.
     pub fn mount_stats(&self) -> MountStats {
         let tree = self.tree();
         let s = &self.stats;
