@@ -121,7 +121,7 @@ impl Hooks for Service {
                     .live
                     .pin_budget_flag
                     .or_else(|| cfg.pin_budget.as_deref().and_then(|b| parse_size(b).ok()))
-                    .or_else(|| parse_size(crate::commands::mount::DEFAULT_PIN_BUDGET).ok());
+                    .or_else(|| modelfs_cache::default_budget().ok());
                 if let Some(b) = budget {
                     self.live.pin_budget.store(b, Ordering::Relaxed);
                     if let Some(vfs) = self.vfs.get() {

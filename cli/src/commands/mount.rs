@@ -38,15 +38,23 @@ fn notify_ready(log_file: Option<&Path>) {
             .open(p)
     });
     if let Ok(null) = &null {
-        // SAFETY: dup2 onto our own standard descriptors.
+        // SAFETY: dup2 only changes the descriptor table, no memory. The
+        // source is an open descriptor that `null` owns and keeps open for
+        // the call; the target, 1, is the process's stdout, which no Rust
+        // value owns (`io::stdout()` writes to the number), so replacing it
+        // cannot close a descriptor something else will close again.
         unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
     match (log, &null) {
-        // SAFETY: as above.
+        // SAFETY: as for stdout above: `f` owns the open source descriptor
+        // and outlives the call; the target, stderr (2), is owned by no Rust
+        // value.
         (Some(Ok(f)), _) => unsafe {
             libc::dup2(f.as_raw_fd(), 2);
         },
-        // SAFETY: as above.
+        // SAFETY: as for stdout above: `null` owns the open source
+        // descriptor and outlives the call; the target, stderr (2), is owned
+        // by no Rust value.
         (_, Ok(null)) => unsafe {
             libc::dup2(null.as_raw_fd(), 2);
         },
@@ -54,10 +62,6 @@ fn notify_ready(log_file: Option<&Path>) {
     }
 }
 
-/// Pin budget when neither a flag nor the configuration sets one: locked
-/// pages cannot be reclaimed, so most memory stays free for loaders and the
-/// ordinary page cache.
-pub const DEFAULT_PIN_BUDGET: &str = "25%";
 /// Enough to keep the disk busy for a fraction of a second ahead of a
 /// loader, small next to any serving node's memory.
 pub const DEFAULT_PREFETCH_WINDOW: &str = "256MiB";
@@ -116,8 +120,13 @@ pub fn mount(
         Some("off") => modelfs_fs::Passthrough::Off,
         _ => modelfs_fs::Passthrough::Auto,
     };
-    let pin_budget =
-        config::parse_size(merged.pin_budget.as_deref().unwrap_or(DEFAULT_PIN_BUDGET))?;
+    // Neither a flag nor the configuration: modelfs_cache's default share of
+    // RAM (locked pages cannot be reclaimed, so most stays free for loaders
+    // and the ordinary page cache).
+    let pin_budget = match merged.pin_budget.as_deref() {
+        Some(b) => config::parse_size(b)?,
+        None => modelfs_cache::default_budget().context("default pin budget")?,
+    };
     let prefetch_window = config::parse_size(
         merged
             .prefetch_window
@@ -183,7 +192,10 @@ fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
-    // SAFETY: setsid in the child before exec; async-signal-safe.
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe work is sound: it calls setsid (async-signal-safe,
+    // and only detaches the child from our session and terminal), captures
+    // nothing, allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();

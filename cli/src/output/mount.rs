@@ -9,6 +9,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::HumanBytes;
+use modelfs_fs::MountStats;
 use modelfs_store::Usage;
 
 use super::json;
@@ -54,12 +55,13 @@ pub fn warm(w: &Warmed, as_json: bool) -> Result<()> {
 }
 
 /// `modelfs stats`: the mount's stats.json as a table, or as is.
-pub fn mount_stats(mountpoint: &Path, v: &serde_json::Value, as_json: bool) -> Result<()> {
+pub fn mount_stats(mountpoint: &Path, s: &MountStats, as_json: bool) -> Result<()> {
     if as_json {
-        return json(v);
+        // Through a `Value`, whose keys are sorted: the order `stats --json`
+        // has always printed them in (stats.json itself is in field order).
+        return json(&serde_json::to_value(s)?);
     }
-    let n = |key: &str| v[key].as_u64().unwrap_or(0);
-    let b = |key: &str| HumanBytes(n(key)).to_string();
+    let b = |bytes: u64| HumanBytes(bytes).to_string();
     let share = |part: u64, whole: u64| {
         if whole == 0 {
             0.0
@@ -70,42 +72,42 @@ pub fn mount_stats(mountpoint: &Path, v: &serde_json::Value, as_json: bool) -> R
     println!(
         "{} ({} mode), up {:.0} s",
         mountpoint.display(),
-        v["mode"].as_str().unwrap_or("?"),
-        v["uptime_seconds"].as_f64().unwrap_or(0.0)
+        s.mode.as_str(),
+        s.uptime_seconds
     );
     println!(
         "copy-mode reads: {} in {} requests, {:.1}% from memory ({}), {} from disk; {} EIO",
-        b("read_bytes"),
-        n("read_requests"),
-        share(n("read_resident_bytes"), n("read_bytes")),
-        b("read_resident_bytes"),
-        b("read_disk_bytes"),
-        n("eio")
+        b(s.read_bytes),
+        s.read_requests,
+        share(s.read_resident_bytes, s.read_bytes),
+        b(s.read_resident_bytes),
+        b(s.read_disk_bytes),
+        s.eio
     );
     println!(
         "passthrough: {} opens ({} of files; the kernel reads them without the daemon)",
-        n("passthrough_opens"),
-        b("passthrough_opened_bytes")
+        s.passthrough_opens,
+        b(s.passthrough_opened_bytes)
     );
     println!(
         "pinned: {} of a {} budget; pin policy hits {}, misses {}",
-        b("pinned_bytes"),
-        b("pin_budget"),
-        n("cache_hits"),
-        n("cache_misses")
+        b(s.pinned_bytes),
+        b(s.pin_budget),
+        s.cache_hits,
+        s.cache_misses
     );
     println!(
         "prefetch: {} read ahead by trace replay (window {}); traces saved {}, replayed {}, failed {}",
-        b("prefetched_bytes"),
-        b("prefetch_window"),
-        n("traces_saved"),
-        n("trace_replays"),
-        n("trace_errors")
+        b(s.prefetched_bytes),
+        b(s.prefetch_window),
+        s.traces_saved,
+        s.trace_replays,
+        s.trace_errors
     );
-    let models = v["models"].as_array().cloned().unwrap_or_default();
-    let width = models
+    let width = s
+        .models
         .iter()
-        .filter_map(|m| m["name"].as_str().map(str::len))
+        .map(|m| m.name.len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -113,17 +115,16 @@ pub fn mount_stats(mountpoint: &Path, v: &serde_json::Value, as_json: bool) -> R
         "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
         "MODEL", "FILES", "PINNED", "READ", "FROM MEMORY", "FROM DISK", "PREFETCHED"
     );
-    for m in &models {
-        let mb = |key: &str| HumanBytes(m[key].as_u64().unwrap_or(0)).to_string();
+    for m in &s.models {
         println!(
             "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
-            m["name"].as_str().unwrap_or("?"),
-            m["files"].as_u64().unwrap_or(0),
-            mb("pinned_bytes"),
-            mb("read_bytes"),
-            mb("read_resident_bytes"),
-            mb("read_disk_bytes"),
-            mb("prefetched_bytes")
+            m.name,
+            m.files,
+            b(m.pinned_bytes),
+            b(m.read_bytes),
+            b(m.read_resident_bytes),
+            b(m.read_disk_bytes),
+            b(m.prefetched_bytes)
         );
     }
     Ok(())
@@ -136,7 +137,7 @@ pub struct Status<'a> {
     /// The store reported on: the one the mount serves, else `--store`'s.
     pub store: &'a Path,
     /// The mount's stats.json; `None`: nothing is mounted there.
-    pub stats: Option<serde_json::Value>,
+    pub stats: Option<MountStats>,
     /// The store's usage; `None`: not a store.
     pub usage: Option<Usage>,
 }
@@ -149,12 +150,12 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
             "mounted": stats.is_some(),
             "mountpoint": mountpoint,
             "store": store,
-            "mode": stats.as_ref().and_then(|s| s.get("mode").cloned()),
-            "uptime_seconds": stats.as_ref().and_then(|s| s.get("uptime_seconds").cloned()),
+            "mode": stats.as_ref().map(|s| s.mode),
+            "uptime_seconds": stats.as_ref().map(|s| s.uptime_seconds),
             "models": usage.as_ref().map(|u| u.models.len()),
             "logical_bytes": usage.as_ref().map(|u| u.logical_bytes),
             "stored_bytes": usage.as_ref().map(|u| u.stored_bytes),
-            "pinned_bytes": stats.as_ref().and_then(|s| s.get("pinned_bytes").cloned()),
+            "pinned_bytes": stats.as_ref().map(|s| s.pinned_bytes),
             "stats": stats,
         }));
     }
@@ -162,10 +163,10 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
         (Some(s), Some(m)) => println!(
             "mounted at {} ({} mode), up {:.0} s; {} read requests, {} EIO",
             m.display(),
-            s["mode"].as_str().unwrap_or("?"),
-            s["uptime_seconds"].as_f64().unwrap_or(0.0),
-            s["read_requests"],
-            s["eio"]
+            s.mode.as_str(),
+            s.uptime_seconds,
+            s.read_requests,
+            s.eio
         ),
         (None, Some(m)) => println!("not mounted at {}", m.display()),
         (None, None) => println!("no mount point given or configured"),
@@ -178,12 +179,7 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
             u.models.len(),
             HumanBytes(u.logical_bytes),
             HumanBytes(u.stored_bytes),
-            HumanBytes(
-                stats
-                    .as_ref()
-                    .and_then(|s| s["pinned_bytes"].as_u64())
-                    .unwrap_or(0)
-            )
+            HumanBytes(stats.as_ref().map_or(0, |s| s.pinned_bytes))
         ),
         None => println!("store {}: not a store", store.display()),
     }
