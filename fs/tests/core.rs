@@ -124,7 +124,11 @@ fn copy_mode_reads_return_the_imported_bytes_for_any_request_size() {
     let OpenPlan::Copy(open) = v.open(ino(&v, "b")).unwrap() else {
         panic!()
     };
-    assert!(v.read(&open, f.variant.len() as u64, 4096).unwrap().as_slice().is_empty());
+    assert!(v
+        .read(&open, f.variant.len() as u64, 4096)
+        .unwrap()
+        .as_slice()
+        .is_empty());
     let stats = v.mount_stats();
     assert_eq!(stats.eio, 0);
     assert!(stats.read_bytes >= 6 * f.variant.len() as u64);
@@ -169,7 +173,10 @@ fn removed_and_collected_is_enoent_a_lost_object_is_eio() {
     // b's own object vanishes while the catalog still lists b: damage.
     let (_, info) = f.store.resolve("b/w.bin").unwrap();
     let reader = f.store.open_file(info.content_id).unwrap();
-    let own = reader.object_of(reader.segments().len() - 1).path().to_path_buf();
+    let own = reader
+        .object_of(reader.segments().len() - 1)
+        .path()
+        .to_path_buf();
     drop(reader);
     std::fs::remove_file(&own).unwrap();
     assert_eq!(v.open(b).err(), Some(libc::EIO));
@@ -187,7 +194,10 @@ fn refresh_sees_imports_and_removals_once() {
     let tmp = tempfile::tempdir().unwrap();
     import(&mut f.store, tmp.path(), "c", &noise(3, 4096));
     let changes = v.refresh().unwrap().expect("an import is a change");
-    assert!(changes.dirs.contains(&ROOT_INO), "the root's listing changed");
+    assert!(
+        changes.dirs.contains(&ROOT_INO),
+        "the root's listing changed"
+    );
     assert!(v.lookup(ROOT_INO, "c").is_some());
     assert!(v.refresh().unwrap().is_none(), "seen once");
     f.store.remove("c").unwrap();
@@ -227,7 +237,11 @@ fn one_backing_per_inode_released_with_the_last_open() {
     let (fh1, how1) = handles.open(&v, a, register).unwrap();
     let (fh2, how2) = handles.open(&v, a, register).unwrap();
     assert_eq!((how1, how2), (Opened::Passthrough, Opened::Passthrough));
-    assert_eq!(registered.load(Ordering::Relaxed), 1, "one registration per inode");
+    assert_eq!(
+        registered.load(Ordering::Relaxed),
+        1,
+        "one registration per inode"
+    );
     assert_eq!(handles.with_backing(a, |id| *id), Some(7));
     // Passthrough handles are read by the kernel, not by us.
     assert_eq!(handles.read(&v, fh1, 0, 10).err(), Some(libc::EBADF));

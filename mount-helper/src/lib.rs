@@ -147,12 +147,16 @@ pub fn translate(args: Vec<OsString>) -> Result<Vec<OsString>, HelperError> {
                 )))
             }
         };
-        let value = value
-            .ok_or_else(|| usage(format!("mount option {key} needs a value ({key}=...)")))?;
+        let value =
+            value.ok_or_else(|| usage(format!("mount option {key} needs a value ({key}=...)")))?;
         // One argument `--flag=value`, so a value like "-1" is not taken for a flag.
         mount.push(format!("{flag}={value}"));
     }
-    Ok(global.into_iter().chain(mount).map(OsString::from).collect())
+    Ok(global
+        .into_iter()
+        .chain(mount)
+        .map(OsString::from)
+        .collect())
 }
 
 #[cfg(test)]
@@ -192,7 +196,15 @@ mod tests {
         let args = translate(os(&["/s", "/m", "-f", "-oconfig=/etc/x.toml,threads=2"])).unwrap();
         assert_eq!(
             args,
-            os(&["--store", "/s", "--config", "/etc/x.toml", "mount", "/m", "--threads=2"])
+            os(&[
+                "--store",
+                "/s",
+                "--config",
+                "/etc/x.toml",
+                "mount",
+                "/m",
+                "--threads=2"
+            ])
         );
     }
 

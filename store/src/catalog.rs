@@ -509,3 +509,34 @@ impl Catalog {
         })
     }
 }
+
+#[cfg(test)]
+mod ddl_doc_test {
+    //! docs/store-format.md §5.2 must be the DDL a new catalog is created with.
+
+    use super::SCHEMA;
+
+    /// The body of the fenced `sql` block right after `<!-- catalog-ddl -->`.
+    fn documented_ddl(doc: &str) -> String {
+        let (_, after) = doc
+            .split_once("<!-- catalog-ddl -->\n")
+            .expect("docs/store-format.md has a <!-- catalog-ddl --> marker");
+        let body = after
+            .strip_prefix("```sql\n")
+            .expect("a ```sql block right after the marker");
+        let (ddl, _) = body.split_once("\n```").expect("the sql block is closed");
+        ddl.to_string()
+    }
+
+    /// Lines with trailing whitespace removed, and no trailing blank lines.
+    fn normalised(text: &str) -> String {
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        lines.join("\n").trim_end().to_string()
+    }
+
+    #[test]
+    fn store_format_md_has_the_exact_ddl() {
+        let doc = include_str!("../../docs/store-format.md");
+        assert_eq!(normalised(&documented_ddl(doc)), normalised(SCHEMA.trim()));
+    }
+}

@@ -66,7 +66,10 @@ fn import_stores_shared_bytes_once_and_reads_back_exactly() {
     let (store, base, variant) = family(tmp.path());
     let a = &store.files("a").unwrap()[0];
     let b = &store.files("b").unwrap()[0];
-    assert!(a.whole_object.is_some(), "an all-new file is one whole object");
+    assert!(
+        a.whole_object.is_some(),
+        "an all-new file is one whole object"
+    );
     assert!(b.whole_object.is_none(), "a variant is a recipe");
     assert_ne!(a.hash, b.hash);
     assert_eq!(read_all(&store, "a", "w.bin"), base);
