@@ -1022,7 +1022,7 @@ def _bad_modes(store: Path):
     return bad
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask022", "umask000"])
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o077], ids=["umask022", "umask000", "umask077"])
 def test_store_files_not_world_writable(modelfs_bin, tmp_path, umask):
     """After init, import, a mount's reads and gc, nothing in the store is group- or
     world-writable, even when the importing process runs with umask 000 (the spec fixes
@@ -1043,6 +1043,12 @@ def test_store_files_not_world_writable(modelfs_bin, tmp_path, umask):
     bad = _bad_modes(store)
     assert not bad, (f"store files writable by group/others after commands run with umask "
                      f"{umask:03o}:\n" + "\n".join(bad[:20]))
+    # Readers (a mount running as another user, `cat` by a non-owner) need the
+    # objects readable whatever umask the importer had.
+    objects = [p for p in (store / "objects").rglob("*") if p.is_file()]
+    assert objects, "the imports wrote no objects"
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in objects}
+    assert set(modes.values()) == {"0o644"}, f"object modes under umask {umask:03o}: {modes}"
 
 
 def test_daemon_refuses_store_writable_by_others(sec_store, tmp_path):

@@ -406,6 +406,9 @@ impl Ingest<'_> {
             .open(&path)
             .at(&path)?;
         self.created.push(path.clone());
+        // open(2) applies the umask to the mode; the store's files are
+        // 0644 whatever it is (store-format §2), like its directories.
+        crate::set_mode(&path, 0o644)?;
         Ok(ObjectWriter {
             id,
             path,
