@@ -31,6 +31,11 @@ pub fn json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Width of a table's MODEL column: the longest name, at least the heading's.
+fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names.map(str::len).max().unwrap_or(0).max("MODEL".len())
+}
+
 fn rfc3339(ns: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -232,13 +237,7 @@ pub fn usage(u: &Usage, as_json: bool) -> Result<()> {
             String::new()
         }
     );
-    let width = u
-        .models
-        .iter()
-        .map(|m| m.name.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = name_width(u.models.iter().map(|m| m.name.as_str()));
     println!(
         "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}",
         "MODEL", "FILES", "LOGICAL", "UNIQUE", "SHARED"
