@@ -31,9 +31,9 @@ pub fn json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Width of a table's MODEL column: the longest name, at least the heading's.
-fn name_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
-    names.map(str::len).max().unwrap_or(0).max("MODEL".len())
+/// Width of a table's first column: its longest value, at least its heading.
+fn column_width<'a>(heading: &str, values: impl Iterator<Item = &'a str>) -> usize {
+    values.map(str::len).max().unwrap_or(0).max(heading.len())
 }
 
 fn rfc3339(ns: i64) -> String {
@@ -91,12 +91,7 @@ pub fn models(models: &[ModelInfo], as_json: bool) -> Result<()> {
             .collect();
         return json(&list);
     }
-    let width = models
-        .iter()
-        .map(|m| m.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
+    let width = column_width("NAME", models.iter().map(|m| m.name.as_str()));
     println!(
         "{:width$}  {:>6}  {:>11}  IMPORTED",
         "NAME", "FILES", "SIZE"
@@ -133,7 +128,7 @@ pub fn files(files: &[FileInfo], as_json: bool) -> Result<()> {
             .collect();
         return json(&list);
     }
-    let width = files.iter().map(|f| f.path.len()).max().unwrap_or(4).max(4);
+    let width = column_width("PATH", files.iter().map(|f| f.path.as_str()));
     println!(
         "{:width$}  {:>11}  {:7}  {:>7}  FORMAT",
         "PATH", "SIZE", "STORAGE", "CHUNKS"
@@ -237,7 +232,7 @@ pub fn usage(u: &Usage, as_json: bool) -> Result<()> {
             String::new()
         }
     );
-    let width = name_width(u.models.iter().map(|m| m.name.as_str()));
+    let width = column_width("MODEL", u.models.iter().map(|m| m.name.as_str()));
     println!(
         "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}",
         "MODEL", "FILES", "LOGICAL", "UNIQUE", "SHARED"

@@ -98,26 +98,41 @@ impl<B> Handles<B> {
         register: impl FnOnce(&std::fs::File) -> io::Result<B>,
     ) -> Result<(u64, Opened), i32> {
         match vfs.open(ino)? {
-            OpenPlan::Passthrough(object) => match self.attach_backing(ino, object, register) {
-                Ok(()) => {
-                    let fh = self.add(Handle::Passthrough(ino));
-                    vfs.count_passthrough_open(ino);
-                    Ok((fh, Opened::Passthrough))
-                }
-                Err(e) => {
-                    // Without CAP_SYS_ADMIN the kernel refuses backing
-                    // files: serve this and every later open in copy mode.
-                    warn!(ino, "passthrough open failed ({e}); switching to copy mode");
-                    vfs.disable_passthrough();
-                    match vfs.open(ino)? {
-                        OpenPlan::Copy(c) => Ok((self.add_copy(vfs, c), Opened::Copy)),
-                        _ => Err(libc::EIO),
-                    }
-                }
-            },
+            OpenPlan::Passthrough(object) => self.open_passthrough(vfs, ino, object, register),
             OpenPlan::Copy(c) => Ok((self.add_copy(vfs, c), Opened::Copy)),
             OpenPlan::Generated(bytes) => {
                 Ok((self.add(Handle::Generated(bytes.into())), Opened::Generated))
+            }
+        }
+    }
+
+    /// Serve an open by passthrough to `object`, or, if the kernel refuses
+    /// the backing file, in copy mode from now on.
+    fn open_passthrough(
+        &self,
+        vfs: &Vfs,
+        ino: u64,
+        object: Arc<MappedObject>,
+        register: impl FnOnce(&std::fs::File) -> io::Result<B>,
+    ) -> Result<(u64, Opened), i32> {
+        // The whole-file object's length is the file's size (checked before
+        // passthrough was chosen).
+        let size = object.len();
+        match self.attach_backing(ino, object, register) {
+            Ok(()) => {
+                let fh = self.add(Handle::Passthrough(ino));
+                vfs.count_passthrough_open(size);
+                Ok((fh, Opened::Passthrough))
+            }
+            Err(e) => {
+                // Without CAP_SYS_ADMIN the kernel refuses backing files:
+                // serve this and every later open in copy mode.
+                warn!(ino, "passthrough open failed ({e}); switching to copy mode");
+                vfs.disable_passthrough();
+                match vfs.open(ino)? {
+                    OpenPlan::Copy(c) => Ok((self.add_copy(vfs, c), Opened::Copy)),
+                    _ => Err(libc::EIO),
+                }
             }
         }
     }

@@ -273,8 +273,7 @@ impl Store {
 
     /// Open a stored file for reading (every chunk checked as it is read).
     pub fn open_file(&self, content_id: ContentId) -> Result<FileReader> {
-        let content = Arc::new(self.catalog.content(content_id)?);
-        self.open_content_with(content, |id| self.map_object(id).map(Arc::new))
+        self.read_content(self.catalog.content(content_id)?)
     }
 
     /// [`Store::open_file`] for a content row already read.

@@ -104,7 +104,7 @@ pub fn mount_stats(mountpoint: &Path, s: &MountStats, as_json: bool) -> Result<(
         s.trace_replays,
         s.trace_errors
     );
-    let width = super::name_width(s.models.iter().map(|m| m.name.as_str()));
+    let width = super::column_width("MODEL", s.models.iter().map(|m| m.name.as_str()));
     println!(
         "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
         "MODEL", "FILES", "PINNED", "READ", "FROM MEMORY", "FROM DISK", "PREFETCHED"

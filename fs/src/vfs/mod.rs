@@ -295,14 +295,13 @@ impl Vfs {
             .map(OpenPlan::Copy)
     }
 
-    /// Count an open served by passthrough (its reads never reach us).
-    pub fn count_passthrough_open(&self, ino: u64) {
+    /// Count an open of a `size`-byte file served by passthrough (its
+    /// reads never reach us, so its size is the only byte count we have).
+    pub fn count_passthrough_open(&self, size: u64) {
         self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-        if let Some(f) = self.tree().files.get(&ino) {
-            self.stats
-                .passthrough_opened_bytes
-                .fetch_add(f.content.size, Ordering::Relaxed);
-        }
+        self.stats
+            .passthrough_opened_bytes
+            .fetch_add(size, Ordering::Relaxed);
     }
 
     /// Whether a content is still in the catalog (false also when the
