@@ -27,15 +27,21 @@ apt_install() {
 
 ensure_python_env() {
     local req="$REPO/tests/requirements.txt"
-    local stamp="$VENV/.requirements-$(sha256sum "$req" | cut -c1-16)"
+    # The stamp covers the requirements and the in-tree package's metadata
+    # (python/, installed editable: its code needs no reinstall).
+    local stamp="$VENV/.requirements-$(cat "$req" "$REPO/python/pyproject.toml" | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
         apt_install python3-venv python3-pip
     fi
-    say "creating Python environment $VENV (numpy, safetensors, torch, gguf, onnx, pytest)"
+    say "creating Python environment $VENV (numpy, safetensors, torch, transformers, gguf, onnx, pytest, modelfs hook)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -r "$req"
+    # The loader hook (python/modelfs) and its .pth line: MODELFS_SHARE=1 then
+    # switches it on in every Python process of the environment.
+    "$VENV/bin/pip" install -q -e "$REPO/python"
+    "$PY" -m modelfs install-pth >/dev/null
     rm -f "$VENV"/.requirements-*
     touch "$stamp"
 }
