@@ -102,6 +102,10 @@ def _load(files, api, fw):
                     idx = _partial(out[k])
                     if idx is not None:
                         parts[k] = _digest(s[idx])
+        elif api == "torch_load":  # a torch zip checkpoint, as transformers loads .bin files
+            import torch
+
+            out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         else:
             raise ValueError(api)
     return out, parts
@@ -698,6 +702,42 @@ def test_fake_daemon_bad_replies_fall_back_silently(pth_installed, workers, tmp_
     assert "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("lead,shared", [(2 * 4096 + 64, True), (4096 + 4, False)],
+                         ids=["aligned", "misaligned"])
+def test_fake_daemon_torch_load_mmap(pth_installed, workers, tmp_path, lead, shared):
+    """torch.load(mmap=True) of a torch zip checkpoint: records come from the object
+    mapping when 8-byte aligned there, else from the original mapping; same bytes."""
+    import torch
+
+    ck = tmp_path / "ck" / "model.pt"
+    ck.parent.mkdir()
+    torch.manual_seed(3)
+    torch.save({"a": torch.randn(700, 300).to(torch.bfloat16), "b": torch.arange(77),
+                "c": torch.randn(5)}, ck)
+    data = ck.read_bytes()
+    obj = tmp_path / "objects" / "obj0"
+    obj.parent.mkdir()
+    obj.write_bytes(b"Q" * lead + data)
+    size = len(data)
+
+    def handler(fd, from_):
+        o = os.open(obj, os.O_RDONLY)
+        return share.encode_reply(0, 0, size, size, [size + lead], [(0, size, 0, lead)]), [o]
+
+    want, _ = reference([ck], api="torch_load")
+    res, where, err, d = _fake_run(workers, tmp_path, ck, handler, api="torch_load")
+    assert not d.errors, d.errors
+    assert res["digests"] == want
+    st = res["stats"]
+    assert st["files_shared"] == 1, st
+    on = {n for n, (p, _) in where.items() if p == str(obj)}
+    if shared:
+        assert on == set(want) and st["fallback_tensors"] == 0, (where, st)
+    else:
+        assert not on and st["shared_tensors"] == 0 and st["fallback_tensors"] == 3, (where, st)
+    assert err == "", err
+
+
 def test_not_on_modelfs_uses_the_original_loader(pth_installed, workers, fake_file, tmp_path,
                                                  monkeypatch):
     """A file on ext4 and no socket for its device: the original path, no error."""
@@ -765,6 +805,10 @@ class ShareFamily:
               {"format": "pt", "variant": "shifted-by-a-non-multiple-of-4096"})
         for k in self.keys:
             (root / k / "config.json").write_text(json.dumps({"model": k}))
+        # the base's tensors in a torch zip checkpoint: its records dedup against the base
+        self.torch_ckpt = root / "torch-ckpt" / "pytorch_model.bin"
+        self.torch_ckpt.parent.mkdir()
+        torch.save(base, self.torch_ckpt)
         self.base_tensors = {n for n, _, _ in spec}
         # the point of the shifted variant: its data offsets are not those of the base mod 4096
         hb = _hdr(self.path("base"))
@@ -813,6 +857,7 @@ def smount(modelfs_bin, sfam, tmp_path_factory):
     mfs.run("init", ok=True)
     for k in sfam.keys:
         mfs.import_(sfam.root / k, "--name", k, ok=True)
+    mfs.import_(sfam.torch_ckpt.parent, "--name", "torch-ckpt", ok=True)
     mp = tmp_path_factory.mktemp("share-mnt")
     m = mountlib.Mount(mfs, mp)
     try:
@@ -969,6 +1014,31 @@ def test_writes_stay_private(pth_installed, workers, sfam, smount):
     dirty = sum_maps(smaps(a.pid), _on_objects(smount), "Private_Dirty")
     assert 8192 <= dirty <= 64 * 1024, f"{dirty} private dirty bytes on the object mappings"
     assert sum_maps(smaps(b.pid), _on_objects(smount), "Private_Dirty") == 0
+
+
+def test_torch_load_mmap_shares_with_safetensors(pth_installed, workers, sfam, smount):
+    """torch.load(mmap=True) of the base's tensors saved by torch.save: the records are the
+    base's chunks, so a process loading the torch checkpoint and one loading the base
+    safetensors map the same object pages."""
+    mnt_ck = str(smount / "torch-ckpt" / sfam.torch_ckpt.name)
+    want, _ = reference([sfam.torch_ckpt], api="torch_load")
+    base_obj = share.layout(smount / "base" / "model.safetensors").objects[0].path
+    a = workers()
+    res = a.call("load", id="m", files=[mnt_ck], api="torch_load", fw="pt")
+    assert res["digests"] == want
+    where = a.call("where", id="m")["where"]
+    total = sum(n for _, n in where.values())
+    on_base = sum(n for p, n in where.values() if p == base_obj)
+    b = workers()
+    b.call("load", id="m", files=[str(smount / "base" / "model.safetensors")], api="load_file",
+           fw="pt")
+    sm = smaps(a.pid)
+    row = {"model": "torch-ckpt", "pid": a.pid, "record_bytes": total, "on_base_object": on_base,
+           "base_obj_rss": sum_maps(sm, lambda p: p == base_obj),
+           "base_obj_pss": sum_maps(sm, lambda p: p == base_obj, "Pss"), "stats": res["stats"]}
+    _report("torch.load(mmap=True) next to a safetensors load of the base:", [row])
+    assert on_base >= 0.95 * total, row
+    assert row["base_obj_rss"] >= 0.95 * total and row["base_obj_pss"] < 0.6 * row["base_obj_rss"], row
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 ``install()`` patches the modules already imported and puts a finder at the
 front of ``sys.meta_path`` that wraps the loader of ``safetensors``,
-``safetensors.torch`` and ``safetensors.numpy`` so that each is patched right
-after it has executed, before any importer can bind ``safe_open``
+``safetensors.torch``, ``safetensors.numpy`` (``safe_open``) and ``torch``
+(``torch.load(mmap=True)``) so that each is patched right after it has
+executed, before any importer can bind ``safe_open``
 (transformers does ``from safetensors import safe_open``). Modules that bound
 the original before install() ran are patched by name too.
 """
@@ -14,17 +15,24 @@ import importlib.abc
 import sys
 import threading
 
-TARGETS = ("safetensors", "safetensors.torch", "safetensors.numpy")
+TARGETS = ("safetensors", "safetensors.torch", "safetensors.numpy", "torch")
 
 _installed = False
 _guard = threading.local()
 
 
 def _patch(mod) -> None:
-    from . import _safetensors, share
+    from . import share
 
     try:
-        _safetensors.patch_module(mod)
+        if mod.__name__ == "torch":
+            from . import _torchload
+
+            _torchload.patch_torch(mod)
+        else:
+            from . import _safetensors
+
+            _safetensors.patch_module(mod)
     except Exception as e:  # noqa: BLE001 - the hook must never break an import
         share.debug(f"patch:{mod.__name__}", f"cannot patch {mod.__name__}: {e}")
 
