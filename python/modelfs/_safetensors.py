@@ -18,19 +18,20 @@ other. Pages are shared through the page cache either way.
 
 Lifetime: ``torch.frombuffer`` does not keep its buffer alive, so the torch
 tensors are made with ``torch.from_numpy(np.frombuffer(mapping, uint8))``:
-the tensor's storage holds the array, which holds the mmap, so the mapping
-lives exactly as long as some tensor or view does.
+the tensor's storage holds the array, which holds the mapping's buffer, so
+the mapping lives exactly as long as some tensor or view does, and holds no
+descriptor (modelfs._mapping).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import threading
 
 from . import share
+from ._mapping import PAGE, map_private
 
 _orig_safe_open = None  # the original class, set by patch_safetensors()
 
@@ -122,16 +123,11 @@ class _Plan:
     def __init__(self, framework: str, tensors: dict, maps: dict):
         self.framework = framework  # "pt" or "np"
         self.tensors = tensors  # name -> _Tensor
-        self.maps = maps  # object index -> (mmap, start offset of the mapping in the object)
-        self.lock = threading.Lock()
+        self.maps = maps  # object index -> (buffer, start offset of the mapping in the object)
 
     def close(self):
-        maps, self.maps = self.maps, {}
-        for mm, _ in maps.values():
-            try:
-                mm.close()
-            except BufferError:  # tensors still use it: it lives until they are gone
-                pass
+        # the mappings go once no tensor made from them is alive (modelfs._mapping)
+        self.maps = {}
 
 
 def _framework(framework):
@@ -209,18 +205,11 @@ def make_plan(filename, framework, device, backend):
             lo, hi = spans.get(run.object, (oo, oo + e - b))
             spans[run.object] = (min(lo, oo), max(hi, oo + e - b))
         maps = {}
-        try:
-            for obj, (lo, hi) in spans.items():
-                start = lo - lo % mmap.ALLOCATIONGRANULARITY
-                mm = mmap.mmap(lay.fds[obj], hi - start, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-                maps[obj] = (mm, start)
-        except BaseException:
-            for mm, _ in maps.values():
-                mm.close()
-            raise
+        for obj, (lo, hi) in spans.items():
+            start = lo - lo % PAGE
+            maps[obj] = (map_private(lay.fds[obj], start, hi - start), start)
     finally:
-        lay.close()  # each mmap holds its own descriptor (and so the store's lock)
+        lay.close()  # the mappings keep the objects' open file descriptions (and lock)
     share.debug(f"plan:{path}", f"{path}: {len(tensors)}/{len(header)} tensors from "
                 f"{len(maps)} object(s)")
     return _Plan(fw, tensors, maps)

@@ -16,11 +16,11 @@ every other ``from_file`` call is the original's.
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import threading
 
 from . import share
+from ._mapping import PAGE, map_private
 
 ALIGN = 8
 _tls = threading.local()
@@ -46,20 +46,13 @@ class _Source:
             m = self.maps.get(obj)
             if m is None:
                 lo, hi = self.spans[obj]
-                start = lo - lo % mmap.ALLOCATIONGRANULARITY
-                mm = mmap.mmap(self.lay.fds[obj], hi - start, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-                m = self.maps[obj] = (mm, start)
+                start = lo - lo % PAGE
+                m = self.maps[obj] = (map_private(self.lay.fds[obj], start, hi - start), start)
             return m
 
     def close(self):
         self.lay.close()
-        maps, self.maps = self.maps, {}
-        for mm, _ in maps.values():
-            try:
-                mm.close()
-            except BufferError:  # storages use it: it lives as long as they do
-                pass
+        self.maps = {}  # each mapping goes with the last storage made from it
 
 
 class _Overall:
