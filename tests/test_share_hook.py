@@ -1048,22 +1048,33 @@ def test_torch_load_mmap_shares_with_safetensors(pth_installed, workers, sfam, s
 TF_SEQ = 16
 
 
+_TF_MAKE = r"""
+import sys
+import torch
+from transformers import GPT2Config, GPT2Model
+root = sys.argv[1]
+torch.manual_seed(0)
+cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+m = GPT2Model(cfg).to(torch.bfloat16)
+m.save_pretrained(root + "/gpt2-base", safe_serialization=True)
+with torch.no_grad():
+    m.h[3].mlp.c_fc.weight.add_(torch.randn_like(m.h[3].mlp.c_fc.weight) * 0.01)
+m.save_pretrained(root + "/gpt2-ft", safe_serialization=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def tf_models(tmp_path_factory, required_libs):
-    try:
-        import torch
-        from transformers import GPT2Config, GPT2Model
-    except ImportError as e:
-        pytest.fail(f"transformers is required ({e}): {sys.executable} -m pip install -r "
-                    f"{TESTS_DIR / 'requirements.txt'}", pytrace=False)
+    """A tiny GPT-2 and a fine-tune of its last MLP, written by transformers in a
+    subprocess: importing transformers (and through torch._dynamo, triton's LLVM) into
+    the test process, which already holds TensorFlow's, aborts it."""
     root = tmp_path_factory.mktemp("tf-models")
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4)
-    m = GPT2Model(cfg).to(torch.bfloat16)
-    m.save_pretrained(root / "gpt2-base", safe_serialization=True)
-    with torch.no_grad():
-        m.h[3].mlp.c_fc.weight.add_(torch.randn_like(m.h[3].mlp.c_fc.weight) * 0.01)
-    m.save_pretrained(root / "gpt2-ft", safe_serialization=True)
+    r = subprocess.run([sys.executable, "-c", _TF_MAKE, str(root)], capture_output=True,
+                       text=True, timeout=WORKER_TIMEOUT)
+    if r.returncode != 0:
+        pytest.fail(f"cannot write the GPT-2 models with transformers (is it installed? "
+                    f"{sys.executable} -m pip install -r {TESTS_DIR / 'requirements.txt'}):\n"
+                    f"{r.stderr[-3000:]}", pytrace=False)
     return root
 
 

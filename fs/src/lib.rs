@@ -5,7 +5,9 @@
 //! models, how a file is opened, how copy-mode bytes are read and checked)
 //! and can be tested without a kernel mount; [`fuse`] is a thin adapter that
 //! translates fuser requests into `vfs` calls; [`mount`](mod@mount) owns the
-//! session's life (checks, signals, catalog watching, post-mount tuning).
+//! session's life (checks, signals, catalog watching, post-mount tuning);
+//! [`share_server`] answers layout requests so processes can map shared
+//! tensors from the store's objects (docs/store-format.md §11).
 //!
 //! Serving follows ../shared/design-notes.md: identical content is one
 //! inode (page cache shared by every path and process), every open keeps the
@@ -18,6 +20,7 @@ pub mod mount;
 mod open_content;
 pub mod pin;
 mod prefetch;
+pub mod share_server;
 pub mod stats;
 pub mod tree;
 pub mod vfs;

@@ -258,6 +258,17 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     info!(mountpoint = %mountpoint.display(), store = %vfs.store_root().display(), "mounted");
     set_read_ahead(&mountpoint, cfg.read_ahead_kb);
+    let device = mount_entry(&mountpoint).map(|(dev, _)| dev);
+    // Sharing below the file is an addition: a mount that cannot offer it
+    // still serves every file.
+    let share = device
+        .as_deref()
+        .map(|dev| crate::share_server::start(vfs.clone(), dev))
+        .transpose()
+        .unwrap_or_else(|e| {
+            warn!("no layout service, so processes cannot map shared tensors from the store: {e}");
+            None
+        });
 
     let stop = Arc::new(AtomicBool::new(false));
     let notifier = session.notifier();
@@ -293,7 +304,8 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
     };
     {
         let mountpoint = mountpoint.clone();
-        let device = mount_entry(&mountpoint).map(|(dev, _)| dev);
+        let device = device.clone();
+        let socket = share.as_ref().map(|s| s.path().to_path_buf());
         let grace = cfg.shutdown_grace;
         let hooks = hooks.clone();
         std::thread::Builder::new()
@@ -311,6 +323,9 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
                 }
                 info!(signal = sig, "unmounting");
                 hooks.stopping();
+                if let Some(socket) = &socket {
+                    let _ = std::fs::remove_file(socket);
+                }
                 if let Err(e) = lazy_unmount(&mountpoint) {
                     error!("unmount failed: {e}");
                 }
@@ -334,6 +349,7 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
     // Not joined: the watcher may be inside a kernel invalidation that can
     // only finish once the connection is gone; the process exits anyway.
     drop(watcher);
+    drop(share);
     info!("session ended");
     result.map_err(|e| MountError::Mount(mountpoint, e))
 }

@@ -43,6 +43,15 @@ pub struct Stats {
     pub read_latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     /// Sum of all copy-mode read latencies in the histogram, microseconds.
     pub read_latency_sum_us: AtomicU64,
+    /// Layout requests answered (docs/store-format.md §11).
+    pub layouts: AtomicU64,
+    /// Bytes the answered layouts' runs cover.
+    pub layout_bytes: AtomicU64,
+    /// Chunks left out of layouts because they failed their check.
+    pub layout_gaps: AtomicU64,
+    /// Layout requests refused: a descriptor not of this mount, not
+    /// readable, a malformed request, a removed file.
+    pub layout_refusals: AtomicU64,
 }
 
 /// Upper bounds (microseconds) of the read latency histogram buckets.
@@ -188,6 +197,18 @@ pub struct MountStats {
     /// Bytes trace replays brought in from disk ahead of readers, over all
     /// contents.
     pub prefetched_bytes: u64,
+    /// See [`Stats::layouts`].
+    #[serde(default)]
+    pub layouts: u64,
+    /// See [`Stats::layout_bytes`].
+    #[serde(default)]
+    pub layout_bytes: u64,
+    /// See [`Stats::layout_gaps`].
+    #[serde(default)]
+    pub layout_gaps: u64,
+    /// See [`Stats::layout_refusals`].
+    #[serde(default)]
+    pub layout_refusals: u64,
     /// One line per model, ordered by name.
     pub models: Vec<ModelStats>,
 }

@@ -88,6 +88,23 @@ pub fn runtime_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// The runtime directory a mount run by this process puts its socket in
+/// (§11): `$MODELFS_RUNTIME_DIR`, else `/run/modelfs` for root, else
+/// `$XDG_RUNTIME_DIR/modelfs`, else `/tmp/modelfs-<uid>`.
+pub fn server_runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MODELFS_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    if uid == 0 {
+        return PathBuf::from("/run/modelfs");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("modelfs");
+    }
+    PathBuf::from(format!("/tmp/modelfs-{uid}"))
+}
+
 fn connect_for(dev: u64) -> Result<OwnedFd, LayoutError> {
     let name = socket_name(dev);
     for dir in runtime_dirs() {

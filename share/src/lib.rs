@@ -13,11 +13,13 @@
 //! process that asks for sharing.
 
 pub mod client;
-pub mod transport;
 pub mod plan;
+pub mod transport;
 pub mod wire;
 
-pub use client::{request_layout, runtime_dirs, socket_name, Layout, LayoutError};
+pub use client::{
+    request_layout, runtime_dirs, server_runtime_dir, socket_name, Layout, LayoutError,
+};
 pub use plan::{plan_pieces, Piece};
 pub use wire::{Reply, Request, Run, MAGIC, MAX_OBJECTS, MAX_RUNS};
 

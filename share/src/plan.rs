@@ -51,8 +51,7 @@ pub fn plan_pieces(
         };
         let run_end = run.file_offset + run.len;
         let start = round_up(run.file_offset.max(offset));
-        let tail_ends_together =
-            run_end == file_size && run.object_offset + run.len == object_len;
+        let tail_ends_together = run_end == file_size && run.object_offset + run.len == object_len;
         let end = if tail_ends_together {
             round_up(run_end)
         } else {
@@ -99,14 +98,30 @@ mod tests {
     fn whole_file_object_maps_every_page_including_the_tail() {
         let runs = [run(0, 10_000, 0, 0)];
         let p = plan_pieces(&runs, &[10_000], 10_000, 0, 10_000);
-        assert_eq!(p, vec![Piece { map_offset: 0, len: 12_288, object: 0, object_offset: 0 }]);
+        assert_eq!(
+            p,
+            vec![Piece {
+                map_offset: 0,
+                len: 12_288,
+                object: 0,
+                object_offset: 0
+            }]
+        );
     }
 
     #[test]
     fn tail_page_stays_with_the_file_when_the_object_goes_on() {
         let runs = [run(0, 10_000, 0, 0)];
         let p = plan_pieces(&runs, &[50_000], 10_000, 0, 10_000);
-        assert_eq!(p, vec![Piece { map_offset: 0, len: 8192, object: 0, object_offset: 0 }]);
+        assert_eq!(
+            p,
+            vec![Piece {
+                map_offset: 0,
+                len: 8192,
+                object: 0,
+                object_offset: 0
+            }]
+        );
     }
 
     #[test]
@@ -117,7 +132,12 @@ mod tests {
         // Only run 1 is congruent: pages [12288, 28672) inside [9100, 29100).
         assert_eq!(
             p,
-            vec![Piece { map_offset: 12_288, len: 16_384, object: 1, object_offset: 12_288 + 4096 }]
+            vec![Piece {
+                map_offset: 12_288,
+                len: 16_384,
+                object: 1,
+                object_offset: 12_288 + 4096
+            }]
         );
     }
 
@@ -125,12 +145,24 @@ mod tests {
     fn a_window_of_the_file_maps_relative_to_its_start() {
         let runs = [run(0, 1 << 20, 0, 0)];
         let p = plan_pieces(&runs, &[1 << 20], 1 << 20, 8192, 3 * 4096);
-        assert_eq!(p, vec![Piece { map_offset: 0, len: 12_288, object: 0, object_offset: 8192 }]);
+        assert_eq!(
+            p,
+            vec![Piece {
+                map_offset: 0,
+                len: 12_288,
+                object: 0,
+                object_offset: 8192
+            }]
+        );
     }
 
     #[test]
     fn adjacent_runs_of_one_object_merge() {
-        let runs = [run(0, 4096, 0, 0), run(4096, 4096, 0, 4096), run(8192, 4096, 1, 0)];
+        let runs = [
+            run(0, 4096, 0, 0),
+            run(4096, 4096, 0, 4096),
+            run(8192, 4096, 1, 0),
+        ];
         let p = plan_pieces(&runs, &[8192, 4096], 12_288, 0, 12_288);
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].len, 8192);

@@ -184,7 +184,9 @@ impl Reply {
                 .checked_add(run.len)
                 .ok_or(Malformed("run overflows"))?;
             if run.len == 0 || run.file_offset < pos || file_end > end {
-                return Err(Malformed("runs unsorted, overlapping or outside [from, end)"));
+                return Err(Malformed(
+                    "runs unsorted, overlapping or outside [from, end)",
+                ));
             }
             let object_len = *object_lens
                 .get(run.object as usize)

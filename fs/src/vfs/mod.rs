@@ -4,9 +4,11 @@
 //!
 //! Split by job: this file holds the tree (lookups, attributes, listings,
 //! catalog refresh) and the open decision; `read` the copy-mode read path
-//! and the checks before bytes are served; `traces` load-trace recording
-//! and replay; `report` the stats snapshot.
+//! and the checks before bytes are served; `layout` where a file's bytes
+//! lie in the objects, for processes that map them (store-format §11);
+//! `traces` load-trace recording and replay; `report` the stats snapshot.
 
+mod layout;
 mod read;
 mod report;
 mod traces;
@@ -24,6 +26,7 @@ use crate::open_content::{ContentState, OpenContent, VerifiedChunks};
 use crate::stats::Stats;
 use crate::tree::{Tree, CONTROL_DIR_INO, ROOT_INO, STATS_INO};
 
+pub use layout::FileLayout;
 pub use read::ReadOut;
 
 /// What changed in a refresh, for kernel cache invalidation.

@@ -112,6 +112,21 @@ impl Vfs {
         content: Arc<ContentInfo>,
         label: &str,
     ) -> Result<Arc<OpenContent>, i32> {
+        let open = Arc::new(self.open_content(content, label)?);
+        let first = open.state.opens.fetch_add(1, Ordering::AcqRel) == 0;
+        if first {
+            self.start_replay(&open);
+        }
+        Ok(open)
+    }
+
+    /// The content's reader over its mapped objects and this mount's state
+    /// of it, without counting an open handle.
+    pub(super) fn open_content(
+        &self,
+        content: Arc<ContentInfo>,
+        label: &str,
+    ) -> Result<OpenContent, i32> {
         let reader = {
             let store = self.store.lock().expect("store lock");
             store.open_content_with(content.clone(), |id| self.map_cached(&store, id))
@@ -140,17 +155,12 @@ impl Vfs {
                     .unwrap_or(1)
             })
             .collect();
-        let open = Arc::new(OpenContent {
+        Ok(OpenContent {
             reader,
             label: label.to_string(),
             state,
             refs,
-        });
-        let first = open.state.opens.fetch_add(1, Ordering::AcqRel) == 0;
-        if first {
-            self.start_replay(&open);
-        }
-        Ok(open)
+        })
     }
 
     /// A copy-mode handle was closed. When the last one goes, the load

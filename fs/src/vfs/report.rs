@@ -46,6 +46,10 @@ impl Vfs {
             read_resident_bytes: totals.read_resident_bytes,
             read_disk_bytes: totals.read_disk_bytes,
             prefetched_bytes: totals.prefetched_bytes,
+            layouts: load(&s.layouts),
+            layout_bytes: load(&s.layout_bytes),
+            layout_gaps: load(&s.layout_gaps),
+            layout_refusals: load(&s.layout_refusals),
             models,
         }
     }
