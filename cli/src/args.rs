@@ -175,6 +175,32 @@ Exits 3 if nothing is mounted there."
     Config(ConfigCommand),
     /// Install the binary, the mount helper, the systemd unit and an example configuration
     Install(crate::install::InstallArgs),
+    /// Run a command with tensor sharing on: its mmaps of mount files map the store's objects
+    #[command(
+        long_about = "Run COMMAND with tensor sharing switched on. Files on a modelfs mount that \
+COMMAND maps with mmap (safetensors, torch.load(mmap=True), numpy.memmap, llama.cpp, ONNX Runtime) \
+get their shared bytes mapped straight from the store's objects, so tensors that several models or \
+processes share occupy one set of pages. Python loaders (safetensors load_file/safe_open, \
+torch.load(mmap=True), transformers) share every tensor, whatever its offset, through the modelfs \
+Python package's hook.\n\nSets LD_PRELOAD (libmodelfs_preload.so, found through $MODELFS_PRELOAD, \
+next to this binary, or in PREFIX/lib/modelfs) and MODELFS_SHARE=1, then runs COMMAND in this \
+process. Bytes read are the same with or without it; MODELFS_SHARE=0 turns it off again. \
+--print-env prints the environment instead, for systemd units and containers.",
+        after_help = "Examples:\n  modelfs exec -- python serve.py --model /models/llama-ft\n  \
+modelfs exec -- llama-server -m /models/qwen/q4.gguf\n  modelfs exec --print-env >> /etc/modelfs/share.env"
+    )]
+    Exec {
+        /// Print the environment that switches sharing on (KEY=VALUE lines) and exit
+        #[arg(long)]
+        print_env: bool,
+        /// The command and its arguments
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<OsString>,
+    },
     /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
     Du {
         /// Print JSON

@@ -1,6 +1,6 @@
-//! `modelfs install`: put the binary, the mount helper, the systemd units and
-//! an example configuration in place. `--root` installs into a staging
-//! directory (packaging, tests).
+//! `modelfs install`: put the binary, the sharing library, the mount helper,
+//! the systemd units and an example configuration in place. `--root`
+//! installs into a staging directory (packaging, tests).
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +44,20 @@ pub fn run(args: &InstallArgs) -> Result<()> {
     let bin = args.prefix.join("bin/modelfs");
     let bytes = std::fs::read(&exe).with_context(|| format!("{}", exe.display()))?;
     write(&under(&args.root, &bin), &bytes, 0o755)?;
+
+    // The sharing library, where `modelfs exec` looks for it. Optional: a
+    // binary copied around without it still installs (exec then says so).
+    match crate::commands::exec::find_preload() {
+        Ok(lib) => {
+            let bytes = std::fs::read(&lib).with_context(|| format!("{}", lib.display()))?;
+            let dest = args
+                .prefix
+                .join(crate::commands::exec::PRELOAD_LIB_DIR)
+                .join(crate::commands::exec::PRELOAD_NAME);
+            write(&under(&args.root, &dest), &bytes, 0o755)?;
+        }
+        Err(e) => eprintln!("modelfs: warning: not installing the sharing library: {e:#}"),
+    }
 
     // mount(8) looks for /sbin/mount.<type>; fuse.modelfs -> mount.fuse.modelfs.
     let helper = under(&args.root, Path::new("/sbin/mount.fuse.modelfs"));

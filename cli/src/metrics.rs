@@ -278,6 +278,29 @@ impl Collector for MountMetrics {
                 ("failed", g(&s.trace_errors)),
             ],
         )?;
+        labelled(
+            e,
+            MetricType::Counter,
+            "modelfs_layouts",
+            "Layout requests of the sharing protocol: answered, refused (access or descriptor checks).",
+            "outcome",
+            &[
+                ("answered", g(&s.layouts)),
+                ("refused", g(&s.layout_refusals)),
+            ],
+        )?;
+        counter(
+            e,
+            "modelfs_layout_bytes",
+            "File bytes covered by the runs of answered layouts (mapped from store objects).",
+            g(&s.layout_bytes),
+        )?;
+        counter(
+            e,
+            "modelfs_layout_gaps",
+            "Chunks left out of layouts because they failed verification.",
+            g(&s.layout_gaps),
+        )?;
         counter(
             e,
             "modelfs_config_reloads",

@@ -101,8 +101,8 @@ pub unsafe fn mmap(
     }
     let saved_errno = errno();
     // A panic must not unwind into C; any failure means "not shared".
-    let composed = std::panic::catch_unwind(|| compose(addr, len, prot, flags, fd, offset))
-        .unwrap_or(None);
+    let composed =
+        std::panic::catch_unwind(|| compose(addr, len, prot, flags, fd, offset)).unwrap_or(None);
     match composed {
         Some(p) => {
             set_errno(saved_errno);
@@ -161,7 +161,16 @@ fn compose(
     let inherit = flags & (libc::MAP_NORESERVE | libc::MAP_POPULATE | libc::MAP_LOCKED);
     let mut shared_bytes = 0u64;
     for p in &pieces {
-        if !map_piece(base, p, prot, object_type | inherit, &layout, flags, fd, offset) {
+        if !map_piece(
+            base,
+            p,
+            prot,
+            object_type | inherit,
+            &layout,
+            flags,
+            fd,
+            offset,
+        ) {
             raw_munmap(base, len);
             return Some(libc::MAP_FAILED);
         }
@@ -253,7 +262,11 @@ pub unsafe fn mremap(
     };
     let fixed = flags & libc::MREMAP_FIXED != 0;
     let Some(region) = regions::take(old as usize) else {
-        return raw(if fixed { new_address } else { std::ptr::null_mut() });
+        return raw(if fixed {
+            new_address
+        } else {
+            std::ptr::null_mut()
+        });
     };
     // Shrinking in place works across mappings: the kernel just unmaps
     // the tail.

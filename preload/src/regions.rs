@@ -125,7 +125,9 @@ pub fn take(start: usize) -> Option<Region> {
         return None;
     }
     with_slots(|slots| {
-        let slot = slots.iter_mut().find(|s| s.is_some_and(|r| r.start == start))?;
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.is_some_and(|r| r.start == start))?;
         USED.fetch_sub(1, Ordering::Relaxed);
         slot.take()
     })

@@ -7,6 +7,7 @@
 //! ([`crate::output`]). This module also resolves what every command shares:
 //! the configuration file and the store directory.
 
+pub mod exec;
 pub mod import;
 pub mod mount;
 pub mod stats;
@@ -31,6 +32,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
         return config_check(path);
     }
+    // Needs neither the store nor the configuration.
+    if let Command::Exec { print_env, command } = &cli.command {
+        return exec::exec(command, *print_env);
+    }
     let (config_path, file_cfg) = config::FileConfig::discover(cli.config.as_deref())?;
     let dir = cli
         .store
@@ -41,6 +46,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Install(args) => install::run(&args)?,
+        Command::Exec { .. } => unreachable!("handled above"),
         Command::Warm {
             name,
             paths,

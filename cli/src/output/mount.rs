@@ -104,6 +104,13 @@ pub fn mount_stats(mountpoint: &Path, s: &MountStats, as_json: bool) -> Result<(
         s.trace_replays,
         s.trace_errors
     );
+    println!(
+        "sharing: {} layouts answered covering {}; {} chunks left out (failed check), {} requests refused",
+        s.layouts,
+        b(s.layout_bytes),
+        s.layout_gaps,
+        s.layout_refusals
+    );
     let width = super::column_width("MODEL", s.models.iter().map(|m| m.name.as_str()));
     println!(
         "{:width$}  {:>6}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}",
