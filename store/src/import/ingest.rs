@@ -265,7 +265,7 @@ impl Ingest<'_> {
                     loc
                 }
                 None => {
-                    let loc = self.assign_new_chunk(&mut stored.object, hash, len, fast)?;
+                    let loc = self.assign_new_chunk(&mut stored.object, hash, off, len, fast)?;
                     let end = off + u64::from(len);
                     match runs.last_mut() {
                         Some(run) if run.1 == off => run.1 = end,
@@ -357,13 +357,14 @@ impl Ingest<'_> {
         Ok(None)
     }
 
-    /// Give a new chunk the next `len` bytes of the file's object (created on
-    /// the first new chunk) and record it as stored by this import. Returns
-    /// where it goes.
+    /// Give a new chunk its place in the file's object (created on the first
+    /// new chunk; see [`ObjectWriter::assign`]) and record it as stored by
+    /// this import. Returns where it goes.
     fn assign_new_chunk(
         &mut self,
         object: &mut Option<ObjectWriter>,
         hash: ChunkHash,
+        file_offset: u64,
         len: u32,
         fast: u64,
     ) -> Result<(ObjectId, u64)> {
@@ -371,8 +372,7 @@ impl Ingest<'_> {
             *object = Some(self.new_object()?);
         }
         let w = object.as_mut().expect("just created");
-        let obj_off = w.assigned;
-        w.assigned += u64::from(len);
+        let obj_off = w.assign(file_offset, len);
         self.pending_chunks.insert(
             hash,
             PendingChunk {
@@ -414,6 +414,8 @@ impl Ingest<'_> {
             path,
             file: Arc::new(file),
             assigned: 0,
+            padding: 0,
+            run_end: None,
         })
     }
 
@@ -449,17 +451,18 @@ impl Ingest<'_> {
         written: u64,
         saw_duplicate: bool,
     ) -> Result<Option<ObjectId>> {
-        if written != w.assigned {
+        if written + w.padding != w.assigned {
             return Err(Error::Corrupt(format!(
-                "{}: wrote {written} bytes to object {} but assigned {}",
+                "{}: wrote {written} bytes to object {} but assigned {} (+{} of holes)",
                 src.abs.display(),
                 w.path.display(),
-                w.assigned
+                w.assigned - w.padding,
+                w.padding
             )));
         }
         w.file.sync_all().at(&w.path)?;
         self.summary.new_bytes += written;
-        self.new_objects.push((w.id, written, !saw_duplicate));
+        self.new_objects.push((w.id, w.assigned, !saw_duplicate));
         Ok((!saw_duplicate).then_some(w.id))
     }
 

@@ -85,9 +85,43 @@ pub(super) struct ObjectWriter {
     pub(super) id: ObjectId,
     pub(super) path: PathBuf,
     pub(super) file: Arc<File>,
-    /// Bytes assigned to chunks so far (written or queued for writing).
+    /// End of the last assigned chunk: the object's size so far.
     pub(super) assigned: u64,
+    /// Bytes of holes left before runs to keep them page-congruent.
+    pub(super) padding: u64,
+    /// File offset just past the last new chunk, where a run continues.
+    pub(super) run_end: Option<u64>,
 }
+
+impl ObjectWriter {
+    /// Where a new chunk at file offset `file_offset` goes. A chunk that
+    /// starts a run of new chunks goes at the next object offset congruent
+    /// to its file offset modulo the page size, leaving a hole of under a
+    /// page: a process mapping the file can then map the run's pages from
+    /// the object (docs/store-format.md §4, §11) instead of copies of them.
+    /// A whole object (all chunks new, one run from 0) gets no hole.
+    pub(super) fn assign(&mut self, file_offset: u64, len: u32) -> u64 {
+        if self.run_end != Some(file_offset) {
+            let hole = hole_before(self.assigned, file_offset);
+            self.assigned += hole;
+            self.padding += hole;
+        }
+        let at = self.assigned;
+        self.assigned += u64::from(len);
+        self.run_end = Some(file_offset + u64::from(len));
+        at
+    }
+}
+
+/// Bytes to skip from object offset `assigned` so that the next byte's
+/// offset is congruent to `file_offset` modulo [`PAGE`].
+fn hole_before(assigned: u64, file_offset: u64) -> u64 {
+    (file_offset % PAGE + PAGE - assigned % PAGE) % PAGE
+}
+
+/// Page size the placement of runs is congruent to (the smallest one of
+/// the architectures the store runs on; larger pages are multiples).
+const PAGE: u64 = 4096;
 
 /// Bytes of the source to append to an object: runs of (file offset, end,
 /// object offset).
@@ -125,4 +159,19 @@ pub(super) fn write_runs(jobs: mpsc::Receiver<WriteJob>, source: &[u8]) -> Resul
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_start_page_congruent_with_under_a_page_of_hole() {
+        for (assigned, file_offset) in [(0, 0), (0, 100), (4095, 0), (5000, 5000), (123, 9999)] {
+            let hole = hole_before(assigned, file_offset);
+            assert!(hole < PAGE);
+            assert_eq!((assigned + hole) % PAGE, file_offset % PAGE);
+        }
+        assert_eq!(hole_before(8192, 4096 * 7), 0);
+    }
 }
