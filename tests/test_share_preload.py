@@ -936,3 +936,60 @@ def test_corrupted_chunk_is_never_mapped(workers, fam, modelfs_bin, tmp_path_fac
         assert ft.run_containing(bad_at, bad_at + 1) is None
     finally:
         m.cleanup()
+
+
+# ------------------------------------------------------------------------------------------
+# copy mode keeps one copy
+
+
+def _resident(path) -> int:
+    """Page-cache bytes of a file: mincore of a plain mapping (this process has no
+    LD_PRELOAD, so of a mount file it is the mount file's own page cache)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, MAP_FAILED), os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    try:
+        vec = (ctypes.c_ubyte * (-(-size // PAGE)))()
+        assert _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        return sum(v & 1 for v in vec) * PAGE
+    finally:
+        _libc.munmap(addr, size)
+
+
+def test_copy_mode_does_not_keep_object_pages_twice(fam, modelfs_bin, tmp_path_factory):
+    """A recipe read in copy mode (the shifted variant: the base's chunks at other
+    offsets) fills the FUSE file's page cache; the object pages it was copied from leave
+    the page cache, unless pinning keeps them on purpose."""
+    mfs = Modelfs(modelfs_bin, tmp_path_factory.mktemp("copy-store") / "store")
+    mfs.run("init", ok=True)
+    for k in ("base", "shifted"):
+        mfs.import_(fam.root / k, "--name", k, ok=True)
+    obj = _largest_object(mfs)
+    size = os.path.getsize(fam.orig("shifted"))
+    for budget in ("0", "1GiB"):
+        m = _start(mfs, tmp_path_factory.mktemp("copy-mnt"), "--pin-budget", budget)
+        try:
+            path = m.mountpoint / fam.files["shifted"]
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+            with open(path, "rb") as f, open(fam.orig("shifted"), "rb") as o:
+                assert f.read() == o.read()
+            time.sleep(0.5)  # let a pin worker settle
+            in_file, in_obj = _resident(path), _resident(obj)
+            pinned = m.stats()["pinned_bytes"]
+            print(f"pin budget {budget}: FUSE file {in_file}, object {in_obj}, pinned {pinned}")
+            assert in_file >= 0.95 * size, "the mount file's page cache should hold what was read"
+            if budget == "0":
+                assert pinned == 0
+                assert in_obj <= 0.05 * size, \
+                    f"copy mode kept {in_obj} bytes of the object's pages besides the file's"
+            else:
+                assert pinned > 0.5 * size, m.stats()
+                assert in_obj >= 0.95 * pinned - 8 * PAGE * 20, (in_obj, pinned)
+        finally:
+            m.cleanup()

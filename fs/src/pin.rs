@@ -92,7 +92,7 @@ impl Pinner {
 
     /// A chunk at `object`+`offset` (`len` bytes, referenced by `refs`
     /// models) is being read: tell the policy, lock what it admits, unlock
-    /// what it evicts.
+    /// what it evicts. Returns whether the chunk is pinned now.
     pub fn access(
         &self,
         object: &Arc<MappedObject>,
@@ -100,9 +100,9 @@ impl Pinner {
         offset: u64,
         len: u64,
         refs: u32,
-    ) {
+    ) -> bool {
         if self.budget() == 0 {
-            return;
+            return false;
         }
         let block = BlockId::new(object_id.0, offset);
         let mut inner = self.inner.lock().expect("pin lock");
@@ -146,6 +146,7 @@ impl Pinner {
                 self.stats.pinned_bytes.fetch_sub(l.len, Ordering::Relaxed);
             }
         }
+        locked.contains_key(&block)
     }
 
     /// Every pinned block: (object, offset) -> bytes locked.

@@ -152,6 +152,32 @@ impl MappedObject {
         (resident as u64 * PAGE as u64).min(bytes.len() as u64)
     }
 
+    /// Let the page cache drop the whole pages of a range: this mapping's
+    /// page-table entries go, then the file's cached pages, except pages
+    /// another mapping still uses (a process that maps the object, a pinned
+    /// range's mlock: the kernel keeps those). For bytes that were read only
+    /// to be copied elsewhere, so they are not kept twice.
+    pub fn drop_pages(&self, offset: u64, len: u64) {
+        let Some((ptr, n)) = self.inner_pages(offset, len) else {
+            return;
+        };
+        let file_offset = ptr as usize - self.map.as_ptr() as usize;
+        // SAFETY: the page-aligned range lies inside our live mapping, which
+        // is read-only and file-backed: MADV_DONTNEED only drops its page
+        // table entries, and the next access faults the same bytes back in.
+        // Both calls are hints; a refusal (a locked range: EINVAL) leaves
+        // the pages where they are.
+        unsafe {
+            libc::madvise(ptr as *mut libc::c_void, n, libc::MADV_DONTNEED);
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                file_offset as libc::off_t,
+                n as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+
     /// Start reading a range from disk in the background.
     pub fn will_need(&self, offset: u64, len: u64) {
         // Only a hint: if the kernel refuses it, the reads fault the bytes in.

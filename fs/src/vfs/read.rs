@@ -13,9 +13,19 @@ use tracing::{error, warn};
 use super::Vfs;
 use crate::open_content::{ContentState, OpenContent};
 
-/// Bytes answering a read: a slice of a mapped object, or a copy assembled
-/// from several chunks.
-pub enum ReadOut {
+/// Bytes answering a read. Dropped once the reply is written; then the
+/// object pages it was copied from leave the page cache (see `spent`).
+pub struct ReadOut {
+    data: ReadData,
+    /// Object ranges read for this reply that no pin keeps: once the kernel
+    /// has the bytes in the FUSE file's page cache, keeping the object's
+    /// pages too would hold every byte twice. Pages that processes map from
+    /// the object, and pinned chunks, stay (the kernel does not drop mapped
+    /// or locked pages).
+    spent: Vec<(Arc<MappedObject>, u64, u64)>,
+}
+
+enum ReadData {
     /// Bytes `start..end` of the object's mapping: consecutive chunks stored
     /// back to back, served without a copy.
     Mapped(Arc<MappedObject>, usize, usize),
@@ -27,9 +37,17 @@ pub enum ReadOut {
 impl ReadOut {
     /// The bytes read; shorter than asked for only at end of file.
     pub fn as_slice(&self) -> &[u8] {
-        match self {
-            ReadOut::Mapped(o, start, end) => &o.bytes()[*start..*end],
-            ReadOut::Owned(v) => v,
+        match &self.data {
+            ReadData::Mapped(o, start, end) => &o.bytes()[*start..*end],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
+impl Drop for ReadOut {
+    fn drop(&mut self) {
+        for (object, offset, len) in &self.spent {
+            object.drop_pages(*offset, *len);
         }
     }
 }
@@ -178,9 +196,14 @@ impl Vfs {
         let reader = &open.reader;
         let end = offset.saturating_add(u64::from(size)).min(reader.size());
         if offset >= end {
-            return Ok(ReadOut::Owned(Vec::new()));
+            return Ok(ReadOut {
+                data: ReadData::Owned(Vec::new()),
+                spent: Vec::new(),
+            });
         }
         let mut pieces: Vec<(&Arc<MappedObject>, usize, usize)> = Vec::new();
+        // (object, start, end) while collecting; (object, offset, len) below.
+        let mut spent: Vec<(Arc<MappedObject>, u64, u64)> = Vec::new();
         let mut resident = 0u64;
         let open_handles = open.state.opens.load(Ordering::Relaxed).max(1);
         for i in reader.segments_in(offset, end) {
@@ -211,8 +234,15 @@ impl Vfs {
                 .copied()
                 .unwrap_or(1)
                 .saturating_add(open_handles - 1);
-            self.pinner
+            let pinned = self
+                .pinner
                 .access(obj, s.object, s.object_offset, u64::from(s.len), refs);
+            if !pinned {
+                match spent.last_mut() {
+                    Some((last, _, stop)) if Arc::ptr_eq(last, obj) && a == *stop => *stop = b,
+                    _ => spent.push((Arc::clone(obj), a, b)),
+                }
+            }
             let (a, b) = (a as usize, b as usize);
             // Consecutive chunks stored back to back in one object (the
             // usual case: a tensor's pieces) are served as one slice.
@@ -237,14 +267,23 @@ impl Vfs {
                 recorder.record(offset, len);
             }
         }
+        for (_, start, end) in &mut spent {
+            *end -= *start;
+        }
         if let [(obj, a, b)] = pieces[..] {
-            return Ok(ReadOut::Mapped(Arc::clone(obj), a, b));
+            return Ok(ReadOut {
+                data: ReadData::Mapped(Arc::clone(obj), a, b),
+                spent,
+            });
         }
         let mut out = Vec::with_capacity(len as usize);
         for (obj, a, b) in pieces {
             out.extend_from_slice(&obj.bytes()[a..b]);
         }
-        Ok(ReadOut::Owned(out))
+        Ok(ReadOut {
+            data: ReadData::Owned(out),
+            spent,
+        })
     }
 
     fn damaged(&self, open: &OpenContent, segment: usize, why: &str) -> i32 {
