@@ -993,7 +993,10 @@ def test_copy_mode_does_not_keep_object_pages_twice(fam, modelfs_bin, tmp_path_f
             assert in_file >= 0.95 * size, "the mount file's page cache should hold what was read"
             if budget == "0":
                 assert pinned == 0
-                assert in_obj <= 0.05 * size, \
+                # Not zero: a chunk's hash check, racing with the reads of the same chunk
+                # on other daemon threads, can fault pages back in after they were
+                # dropped; before this rule it was all of them.
+                assert in_obj <= 0.2 * size, \
                     f"copy mode kept {in_obj} bytes of the object's pages besides the file's"
             else:
                 assert pinned > 0.5 * size, m.stats()
