@@ -47,7 +47,15 @@ snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory it
 its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
 zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
 does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
-Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/)."
+Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/).\n\n\
+A file whose extension or magic bytes say it is a model file (.safetensors, .gguf, .onnx, GGUF \
+magic, a torch zip named .bin/.pt/.pth/.ckpt or holding data.pkl) but whose header does not parse \
+is almost always a broken download: the import is refused, naming the file and the reason, and \
+nothing is stored. --allow-malformed stores such files by content-defined chunking instead. A \
+directory without files is an error too.",
+        after_help = "Examples:\n  modelfs import ./llama-3-8b --name org/llama-3-8b\n  \
+modelfs import ~/.cache/huggingface/hub/models--org--name\n  \
+modelfs import ./checkpoint --allow-malformed"
     )]
     Import {
         /// Directory or file to import
@@ -61,6 +69,9 @@ Symlinks are followed only inside the imported tree (and into a Hugging Face rep
         /// Also follow symlinks that point outside the imported tree
         #[arg(long)]
         follow_symlinks: bool,
+        /// Store model files whose headers do not parse (by content-defined chunking) instead of refusing the import
+        #[arg(long)]
+        allow_malformed: bool,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,

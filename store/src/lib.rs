@@ -40,7 +40,7 @@ use catalog::Catalog;
 
 pub use catalog::{ContentInfo, EntryInfo, ModelInfo, Snapshot};
 pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
-pub use error::{Error, Result};
+pub use error::{Error, MalformedFile, Result};
 pub use gc::GcReport;
 pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};

@@ -31,6 +31,7 @@ fn import(store: &mut Store, dir: &Path, name: &str, replace: bool) {
         name: name.into(),
         replace,
         follow_symlinks: false,
+        allow_malformed: false,
     };
     store.import(dir, &opts, &NoProgress).unwrap();
 }
@@ -97,6 +98,7 @@ fn replace_swaps_the_model_and_gc_frees_the_old_bytes() {
                 name: "a".into(),
                 replace: false,
                 follow_symlinks: false,
+                allow_malformed: false,
             },
             &NoProgress,
         )
