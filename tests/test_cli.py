@@ -928,11 +928,63 @@ def test_import_of_nothing_is_an_error(seeded, tmp_path, layout):
 
 
 def test_import_and_rm_help_mention_their_flags(modelfs_bin):
-    for cmd, flags in (("import", ["--allow-malformed"]),):
+    for cmd, flags in (("import", ["--allow-malformed"]), ("rm", ["--recursive", "--dry-run", "--json"])):
         r = subprocess.run([str(modelfs_bin), cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         for f in flags:
             assert f in r.stdout, f"`modelfs {cmd} --help` does not mention {f}:\n{r.stdout}"
+
+
+# ------------------------------------------------------------------------------------------
+# rm: all or nothing, --dry-run, namespaces
+
+
+@pytest.fixture
+def named(mfs, family):
+    """base as org/a, gguf-model as org/b, onnx-model as org2/c (org2 is not under org/)."""
+    for key, name in (("base", "org/a"), ("gguf-model", "org/b"), ("onnx-model", "org2/c")):
+        mfs.import_(family.path(key), "--name", name, ok=True)
+    return mfs
+
+
+def test_rm_is_all_or_nothing(named):
+    r = _fails_cleanly(named, ["rm", "org/a", "no-such-model", "org2/c"], "no-such-model")
+    assert "nothing was removed" in r.stderr, r.describe()
+    assert "org/a" not in r.stderr and "org2/c" not in r.stderr, r.describe()  # only the bad name is blamed
+    r = named.run("rm", "org/a", "org2/c", ok=True)
+    assert "org/a" in r.stdout and "org2/c" in r.stdout, r.describe()
+    assert set(named.ls_models()) == {"org/b"}
+    named.run("verify", ok=True)
+
+
+def test_rm_dry_run_removes_nothing(named):
+    before = named.snapshot()
+    r = named.run("rm", "org/a", "org2/c", "--dry-run", ok=True)
+    assert "would remove org/a" in r.stdout and "would remove org2/c" in r.stdout, r.describe()
+    assert_unchanged(named, before, "rm --dry-run")
+    j = named.run("rm", "org/", "--recursive", "--dry-run", "--json", ok=True).json()
+    assert j["dry_run"] is True
+    assert [m["name"] for m in j["removed"]] == ["org/a", "org/b"], j
+    assert_unchanged(named, before, "rm --recursive --dry-run --json")
+    # a dry run checks its names like a real one
+    _fails_cleanly(named, ["rm", "org/a", "nope", "--dry-run"], "nope")
+
+
+def test_rm_namespace(named, family):
+    for arg in ("org", "org/"):
+        r = _fails_cleanly(named, ["rm", arg], "--recursive")
+        assert "namespace" in r.stderr and "2 models" in r.stderr, r.describe()
+    _fails_cleanly(named, ["rm", "or", "--recursive"], 'no model named "or"')  # whole components only
+    _fails_cleanly(named, ["rm", "/", "--recursive"], "invalid model name")  # never everything at once
+    j = named.run("rm", "org/", "--recursive", "--json", ok=True).json()
+    assert j["dry_run"] is False
+    assert [(m["name"], m["files"]) for m in j["removed"]] == [
+        ("org/a", len(family.files("base"))), ("org/b", len(family.files("gguf-model")))], j
+    assert set(named.ls_models()) == {"org2/c"}
+    named.run("cat", "org/a/config.json", ok=False)
+    named.run("gc", ok=True)
+    named.run("verify", ok=True)
+    check_model(named, "org2/c", expected_files(family.path("onnx-model")))
 
 
 # ------------------------------------------------------------------------------------------

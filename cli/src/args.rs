@@ -84,11 +84,28 @@ modelfs import ./checkpoint --allow-malformed"
         #[arg(long)]
         json: bool,
     },
-    /// Remove models (their bytes are reclaimed by `gc`)
+    /// Remove models, all or none (their bytes are reclaimed by `gc`)
+    #[command(
+        long_about = "Remove models from the store (their bytes are reclaimed by `gc`). Every \
+name is checked first and all are removed in one transaction: if any name is not a model, \
+nothing is removed. A namespace (`org`, the common prefix of `org/a` and `org/b`) is removed \
+with all its models only with --recursive.",
+        after_help = "Examples:\n  modelfs rm org/llama-3-8b org/llama-3-8b-ft\n  \
+modelfs rm org/ --recursive --dry-run\n  modelfs rm org/ --recursive --json"
+    )]
     Rm {
-        /// Models to remove
-        #[arg(required = true)]
+        /// Models to remove (with --recursive also namespaces: every model under NAME/)
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
+        /// Also remove namespaces: every model whose name starts with NAME/
+        #[arg(long, short = 'r')]
+        recursive: bool,
+        /// Print what would be removed and remove nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Print the removed models as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Reclaim disk space no model references (safe while the store is mounted)
     Gc {

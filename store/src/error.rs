@@ -49,6 +49,21 @@ pub enum Error {
     /// No model has this name; holds the name.
     #[error("no model named {0:?}")]
     NoSuchModel(String),
+    /// A name given to remove is no model but the namespace of some (`org`
+    /// of `org/a`), and removing namespaces was not asked for.
+    #[error("{name:?} is not a model but the namespace of {}; pass --recursive to remove every model under {name}/", namespace_models(*.count, .example))]
+    IsNamespace {
+        /// The name as given.
+        name: String,
+        /// How many models are under it.
+        count: usize,
+        /// One of them, to show what is meant.
+        example: String,
+    },
+    /// Some of the names given to remove name nothing removable, so nothing
+    /// was removed; holds why, for each such name.
+    #[error("{}; nothing was removed", join_errors(.0))]
+    NothingRemoved(Vec<Error>),
     /// The import source holds no files (an empty directory, or only empty
     /// directories); holds the source.
     #[error("nothing to import in {} (it holds no files)", .0.display())]
@@ -130,6 +145,18 @@ alone)",
             )
         }
     }
+}
+
+fn namespace_models(count: usize, example: &str) -> String {
+    match count {
+        1 => format!("1 model ({example:?})"),
+        n => format!("{n} models (e.g. {example:?})"),
+    }
+}
+
+fn join_errors(errors: &[Error]) -> String {
+    let list: Vec<String> = errors.iter().map(Error::to_string).collect();
+    list.join("; ")
 }
 
 /// The store's result type: [`Error`] unless another error is named.

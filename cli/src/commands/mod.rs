@@ -91,7 +91,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         )?,
         Command::Ls { name, json } => store_cmds::ls(&dir, name.as_deref(), json)?,
-        Command::Rm { names } => store_cmds::rm(&dir, &names)?,
+        Command::Rm {
+            names,
+            recursive,
+            dry_run,
+            json,
+        } => store_cmds::rm(&dir, &names, recursive, dry_run, json)?,
         Command::Gc { json } => store_cmds::gc(&dir, json)?,
         Command::Verify { name, json } => return store_cmds::verify(&dir, name.as_deref(), json),
         Command::Upgrade { json } => store_cmds::upgrade(&dir, json)?,
