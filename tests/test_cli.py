@@ -762,12 +762,41 @@ def test_import_duplicate_name(seeded, family):
 
 
 # ------------------------------------------------------------------------------------------
-# malformed model files: import succeeds by falling back to content-defined chunking
+# malformed model files: a file whose extension or magic says it is a model (safetensors,
+# GGUF, a torch zip, ONNX) and whose header does not parse is refused, naming it, with the
+# store unchanged; --allow-malformed stores it by content-defined chunking. Files that only
+# resemble a format, or are none, are stored as before (docs/store-format.md §8.1).
 
 
-def _garbage_cases(family, rng):
+def _torch_pt(path: Path):
+    """A checkpoint as people write one: torch.save of a small state dict."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    torch.save({"w": torch.randn(256, 256, generator=g), "b": torch.randn(256, generator=g)},
+               str(path))
+    return path.read_bytes()
+
+
+def _inside_one_entry(zip_bytes: bytes, garbage: bytes) -> bytes:
+    """zip_bytes with its largest entry's data overwritten (headers and directory intact)."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as z:
+        big = max(z.infolist(), key=lambda i: i.file_size)
+        assert big.compress_type == zipfile.ZIP_STORED and big.file_size > 2 * 4096, big
+        # the local header: 30 bytes, the name, the extra field; then the data
+        name_len, extra_len = struct.unpack("<HH", zip_bytes[big.header_offset + 26:big.header_offset + 30])
+        data = big.header_offset + 30 + name_len + extra_len
+    n = min(len(garbage), big.file_size - 2048)
+    return zip_bytes[:data + 1024] + garbage[:n] + zip_bytes[data + 1024 + n:]
+
+
+def _garbage_cases(family, tmp_path, rng):
     st = (family.path("base") / "model.safetensors").read_bytes()
     tb = (family.path("torch-bin") / "pytorch_model.bin").read_bytes()
+    gg = (family.path("gguf-model") / "model.gguf").read_bytes()
+    ox = (family.path("onnx-model") / "model.onnx").read_bytes()
+    pt = _torch_pt(tmp_path / "written.pt")
     rnd = rng.randbytes(1 << 20)
     good_hdr_len = struct.unpack("<Q", st[:8])[0]
     hdr = json.loads(st[8:8 + good_hdr_len])
@@ -778,40 +807,184 @@ def _garbage_cases(family, rng):
     alias[names[1]]["shape"] = hdr[names[0]]["shape"]
     alias_hdr = json.dumps(alias).encode()
     alias_hdr += b" " * (-len(alias_hdr) % 8)
+
+    def cut(b):
+        return b[: len(b) * 6 // 10]
+
     return {
-        # name: (file name, bytes, warning required)
-        "truncated-safetensors": ("model.safetensors", st[: len(st) * 6 // 10], True),
-        "truncated-in-header": ("model.safetensors", st[:100], True),
-        "garbage-safetensors": ("model.safetensors", rnd, True),
-        "huge-header-len": ("model.safetensors", struct.pack("<Q", 1 << 60) + b'{"x":1}' + rnd, True),
-        "bad-json-header": ("model.safetensors", struct.pack("<Q", 64) + rnd[:64] + st[8 + good_hdr_len:][:1 << 20], True),
-        "aliased-offsets": ("model.safetensors", struct.pack("<Q", len(alias_hdr)) + alias_hdr + st[8 + good_hdr_len:], False),
-        "empty-safetensors": ("model.safetensors", b"", False),
-        "truncated-torch-zip": ("pytorch_model.bin", tb[: len(tb) * 6 // 10], True),
-        "torch-zip-garbage-tail": ("pytorch_model.bin", tb[: len(tb) // 2] + rnd + tb[len(tb) // 2 + len(rnd):], False),
-        "garbage-bin": ("pytorch_model.bin", rnd, False),
+        # name: (file name, bytes, refused, warning required when stored)
+        "truncated-safetensors": ("model.safetensors", cut(st), True, True),
+        "truncated-in-header": ("model.safetensors", st[:100], True, True),
+        "garbage-safetensors": ("model.safetensors", rnd, True, True),
+        "huge-header-len": ("model.safetensors", struct.pack("<Q", 1 << 60) + b'{"x":1}' + rnd, True, True),
+        "bad-json-header": ("model.safetensors", struct.pack("<Q", 64) + rnd[:64] + st[8 + good_hdr_len:][:1 << 20], True, True),
+        "aliased-offsets": ("model.safetensors", struct.pack("<Q", len(alias_hdr)) + alias_hdr + st[8 + good_hdr_len:], True, True),
+        "empty-safetensors": ("model.safetensors", b"", True, True),
+        "truncated-torch-zip": ("pytorch_model.bin", cut(tb), True, True),
+        "truncated-pt": ("model.pt", cut(pt), True, True),
+        "truncated-pth": ("weights.pth", cut(pt), True, True),
+        "truncated-gguf": ("model.gguf", cut(gg), True, True),
+        "gguf-magic-as-bin": ("ggml-model.bin", cut(gg), True, True),
+        "truncated-onnx": ("model.onnx", cut(ox), True, True),
+        # the header parses, so the damage cannot be seen: stored, its tensors found
+        "torch-zip-garbage-data": ("pytorch_model.bin", _inside_one_entry(tb, rnd), False, False),
+        # no format declared: random bytes named .bin, a safetensors header without the name
+        "garbage-bin": ("pytorch_model.bin", rnd, False, False),
+        "safetensors-bytes-unnamed": ("weights", st[:-1], False, True),
+        "garbage-json": ("config.json", b'{"model_type": ' + rnd[:5000], False, False),
+        "garbage-txt": ("notes.txt", rnd[:20000], False, False),
     }
 
 
 GARBAGE = ["truncated-safetensors", "truncated-in-header", "garbage-safetensors", "huge-header-len",
            "bad-json-header", "aliased-offsets", "empty-safetensors", "truncated-torch-zip",
-           "torch-zip-garbage-tail", "garbage-bin"]
+           "truncated-pt", "truncated-pth", "truncated-gguf", "gguf-magic-as-bin", "truncated-onnx",
+           "torch-zip-garbage-data", "garbage-bin", "safetensors-bytes-unnamed", "garbage-json",
+           "garbage-txt"]
 
 
-@pytest.mark.parametrize("case", GARBAGE)
-def test_malformed_files_import_byte_exact(mfs, family, tmp_path, case):
-    fname, data, warn = _garbage_cases(family, random.Random(case))[case]
+def _garbage_dir(family, tmp_path, case):
+    fname, data, refused, warn = _garbage_cases(family, tmp_path, random.Random(case))[case]
     d = tmp_path / case
     d.mkdir()
     (d / fname).write_bytes(data)
-    shutil.copy(family.path("base") / "config.json", d / "config.json")
-    r = mfs.import_(d, ok=None, timeout=120)
-    assert r.returncode == 0, f"import of a malformed {fname} ({case}) must fall back, not fail:\n{r.describe()}"
-    if warn:
+    for extra in ("config.json", "tokenizer.json"):
+        if extra != fname:
+            shutil.copy(family.path("base") / extra, d / extra)
+    return d, fname, data, refused, warn
+
+
+@pytest.mark.parametrize("case", GARBAGE)
+def test_malformed_model_files(seeded, family, tmp_path, case):
+    mfs = seeded
+    d, fname, data, refused, warn = _garbage_dir(family, tmp_path, case)
+    expect = expected_files(d)
+    if refused:
+        before = mfs.snapshot()
+        r = mfs.import_(d, ok=False, timeout=120)
+        assert r.returncode == 1, r.describe()
+        assert str(d / fname) in r.stderr, f"the error must name {d / fname} ({case}):\n{r.describe()}"
+        assert "not a valid" in r.stderr and "--allow-malformed" in r.stderr, r.describe()
+        assert_unchanged(mfs, before, f"import of a malformed {fname} ({case})")
+        assert case not in mfs.ls_models()
+        r = mfs.import_(d, "--allow-malformed", ok=True, timeout=120)
         assert fname in r.stderr, f"expected a warning on stderr naming {fname} ({case}):\n{r.describe()}"
-    check_model(mfs, case, {fname: data, "config.json": family.bytes_of("base", "config.json")},
-                check_hash=len(data) <= ONE_CHUNK_MAX)
+        assert mfs.ls_files(case)[fname]["format"] is None, mfs.ls_files(case)[fname]
+    else:
+        r = mfs.import_(d, ok=None, timeout=120)
+        assert r.returncode == 0, f"{fname} ({case}) declares no model format, so it must be stored:\n{r.describe()}"
+        if warn:
+            assert fname in r.stderr, f"expected a warning on stderr naming {fname} ({case}):\n{r.describe()}"
+        else:
+            assert "warning" not in r.stderr, r.describe()
+    check_model(mfs, case, expect, check_hash=len(data) <= ONE_CHUNK_MAX)
     mfs.run("verify", ok=True)
+
+
+def test_torch_zip_with_garbage_data_keeps_its_tensors(mfs, family, tmp_path):
+    """A control for the refusals: damage the header cannot show is not a parse failure, and the
+    file keeps its tensor-aligned chunking."""
+    d, fname, _, _, _ = _garbage_dir(family, tmp_path, "torch-zip-garbage-data")
+    mfs.import_(d, ok=True)
+    assert mfs.ls_files("torch-zip-garbage-data")[fname]["format"] == "torch"
+
+
+def test_every_broken_model_file_is_named(seeded, family, tmp_path):
+    """A half-finished download of a sharded model: both broken shards are named, the good one
+    and everything else is not stored either."""
+    d = copy_model(family.path("resharded"), tmp_path / "sharded")
+    shards = sorted(p for p in d.iterdir() if p.suffix == ".safetensors")
+    assert len(shards) >= 3, shards
+    os.truncate(shards[0], shards[0].stat().st_size // 3)
+    shards[-1].write_bytes(b"")
+    r = _fails_cleanly(seeded, ["import", d], shards[0].name)
+    for p in (shards[0], shards[-1]):
+        assert str(p) in r.stderr, f"{p} not named:\n{r.describe()}"
+    assert str(shards[1]) not in r.stderr, r.describe()
+    assert "2 model files" in r.stderr, r.describe()
+
+
+def test_broken_file_in_hf_snapshot_is_named_by_its_snapshot_path(seeded, family, tmp_path):
+    """The blobs of a Hugging Face cache are named by hash; the error names the file the user
+    knows, under snapshots/."""
+    repo = tmp_path / "hub" / family.path("hf-cache").parent.parent.name
+    shutil.copytree(family.path("hf-cache").parent.parent, repo, symlinks=True)
+    snap = repo / "snapshots" / family.path("hf-cache").name
+    st = next(p for p in snap.iterdir() if p.name.endswith(".safetensors"))
+    blob = st.resolve()
+    os.truncate(blob, blob.stat().st_size // 2)
+    r = _fails_cleanly(seeded, ["import", snap], str(st))
+    assert blob.name not in r.stderr, r.describe()
+
+
+@pytest.mark.parametrize("layout", ["empty", "only-dirs"])
+def test_import_of_nothing_is_an_error(seeded, tmp_path, layout):
+    d = tmp_path / layout
+    d.mkdir()
+    if layout == "only-dirs":
+        (d / "a" / "b").mkdir(parents=True)
+    r = _fails_cleanly(seeded, ["import", d, "--name", "x"], "nothing to import in")
+    assert str(d) in r.stderr, r.describe()
+
+
+def test_import_and_rm_help_mention_their_flags(modelfs_bin):
+    for cmd, flags in (("import", ["--allow-malformed"]), ("rm", ["--recursive", "--dry-run", "--json"])):
+        r = subprocess.run([str(modelfs_bin), cmd, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for f in flags:
+            assert f in r.stdout, f"`modelfs {cmd} --help` does not mention {f}:\n{r.stdout}"
+
+
+# ------------------------------------------------------------------------------------------
+# rm: all or nothing, --dry-run, namespaces
+
+
+@pytest.fixture
+def named(mfs, family):
+    """base as org/a, gguf-model as org/b, onnx-model as org2/c (org2 is not under org/)."""
+    for key, name in (("base", "org/a"), ("gguf-model", "org/b"), ("onnx-model", "org2/c")):
+        mfs.import_(family.path(key), "--name", name, ok=True)
+    return mfs
+
+
+def test_rm_is_all_or_nothing(named):
+    r = _fails_cleanly(named, ["rm", "org/a", "no-such-model", "org2/c"], "no-such-model")
+    assert "nothing was removed" in r.stderr, r.describe()
+    assert "org/a" not in r.stderr and "org2/c" not in r.stderr, r.describe()  # only the bad name is blamed
+    r = named.run("rm", "org/a", "org2/c", ok=True)
+    assert "org/a" in r.stdout and "org2/c" in r.stdout, r.describe()
+    assert set(named.ls_models()) == {"org/b"}
+    named.run("verify", ok=True)
+
+
+def test_rm_dry_run_removes_nothing(named):
+    before = named.snapshot()
+    r = named.run("rm", "org/a", "org2/c", "--dry-run", ok=True)
+    assert "would remove org/a" in r.stdout and "would remove org2/c" in r.stdout, r.describe()
+    assert_unchanged(named, before, "rm --dry-run")
+    j = named.run("rm", "org/", "--recursive", "--dry-run", "--json", ok=True).json()
+    assert j["dry_run"] is True
+    assert [m["name"] for m in j["removed"]] == ["org/a", "org/b"], j
+    assert_unchanged(named, before, "rm --recursive --dry-run --json")
+    # a dry run checks its names like a real one
+    _fails_cleanly(named, ["rm", "org/a", "nope", "--dry-run"], "nope")
+
+
+def test_rm_namespace(named, family):
+    for arg in ("org", "org/"):
+        r = _fails_cleanly(named, ["rm", arg], "--recursive")
+        assert "namespace" in r.stderr and "2 models" in r.stderr, r.describe()
+    _fails_cleanly(named, ["rm", "or", "--recursive"], 'no model named "or"')  # whole components only
+    _fails_cleanly(named, ["rm", "/", "--recursive"], "invalid model name")  # never everything at once
+    j = named.run("rm", "org/", "--recursive", "--json", ok=True).json()
+    assert j["dry_run"] is False
+    assert [(m["name"], m["files"]) for m in j["removed"]] == [
+        ("org/a", len(family.files("base"))), ("org/b", len(family.files("gguf-model")))], j
+    assert set(named.ls_models()) == {"org2/c"}
+    named.run("cat", "org/a/config.json", ok=False)
+    named.run("gc", ok=True)
+    named.run("verify", ok=True)
+    check_model(named, "org2/c", expected_files(family.path("onnx-model")))
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,7 +47,15 @@ snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory it
 its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
 zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
 does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
-Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/)."
+Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/).\n\n\
+A file whose extension or magic bytes say it is a model file (.safetensors, .gguf, .onnx, GGUF \
+magic, a torch zip named .bin/.pt/.pth/.ckpt or holding data.pkl) but whose header does not parse \
+is almost always a broken download: the import is refused, naming the file and the reason, and \
+nothing is stored. --allow-malformed stores such files by content-defined chunking instead. A \
+directory without files is an error too.",
+        after_help = "Examples:\n  modelfs import ./llama-3-8b --name org/llama-3-8b\n  \
+modelfs import ~/.cache/huggingface/hub/models--org--name\n  \
+modelfs import ./checkpoint --allow-malformed"
     )]
     Import {
         /// Directory or file to import
@@ -61,6 +69,9 @@ Symlinks are followed only inside the imported tree (and into a Hugging Face rep
         /// Also follow symlinks that point outside the imported tree
         #[arg(long)]
         follow_symlinks: bool,
+        /// Store model files whose headers do not parse (by content-defined chunking) instead of refusing the import
+        #[arg(long)]
+        allow_malformed: bool,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
@@ -73,11 +84,28 @@ Symlinks are followed only inside the imported tree (and into a Hugging Face rep
         #[arg(long)]
         json: bool,
     },
-    /// Remove models (their bytes are reclaimed by `gc`)
+    /// Remove models, all or none (their bytes are reclaimed by `gc`)
+    #[command(
+        long_about = "Remove models from the store (their bytes are reclaimed by `gc`). Every \
+name is checked first and all are removed in one transaction: if any name is not a model, \
+nothing is removed. A namespace (`org`, the common prefix of `org/a` and `org/b`) is removed \
+with all its models only with --recursive.",
+        after_help = "Examples:\n  modelfs rm org/llama-3-8b org/llama-3-8b-ft\n  \
+modelfs rm org/ --recursive --dry-run\n  modelfs rm org/ --recursive --json"
+    )]
     Rm {
-        /// Models to remove
-        #[arg(required = true)]
+        /// Models to remove (with --recursive also namespaces: every model under NAME/)
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
+        /// Also remove namespaces: every model whose name starts with NAME/
+        #[arg(long, short = 'r')]
+        recursive: bool,
+        /// Print what would be removed and remove nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Print the removed models as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Reclaim disk space no model references (safe while the store is mounted)
     Gc {

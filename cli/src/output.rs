@@ -150,14 +150,42 @@ pub fn files(files: &[FileInfo], as_json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `modelfs rm`: one line per removed model.
-pub fn removed(m: &ModelInfo) {
-    println!(
-        "removed {} ({} files, {}); run `modelfs gc` to reclaim its unique bytes",
-        m.name,
-        m.files,
-        HumanBytes(m.logical_bytes)
-    );
+/// `modelfs rm`: one line per model removed (or, with `dry_run`, that
+/// would be).
+pub fn removed(models: &[ModelInfo], dry_run: bool, as_json: bool) -> Result<()> {
+    if as_json {
+        let list: Vec<_> = models
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name,
+                    "files": m.files,
+                    "logical_bytes": m.logical_bytes,
+                })
+            })
+            .collect();
+        return json(&serde_json::json!({ "dry_run": dry_run, "removed": list }));
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for m in models {
+        println!(
+            "{verb} {} ({}, {})",
+            m.name,
+            count(m.files, "file", "files"),
+            HumanBytes(m.logical_bytes)
+        );
+    }
+    if dry_run {
+        println!("nothing removed (--dry-run)");
+    } else {
+        println!("run `modelfs gc` to reclaim the bytes no other model uses");
+    }
+    Ok(())
+}
+
+/// "1 file", "2 files".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// `modelfs gc`: what was reclaimed.

@@ -275,6 +275,42 @@ pub fn detect(file_name: &str, src: &dyn Source) -> Option<Format> {
         .map(|detected| detected.format())
 }
 
+/// The format a file's name or magic bytes commit it to, if they do.
+///
+/// [`detect`] also recognises safetensors by a plausible header alone, which
+/// arbitrary data matches now and then; this answers whether the file
+/// declares itself a model file: the extension `.safetensors`, `.gguf` or
+/// `.onnx`; `GGUF` magic; or a zip archive that is named `.pt`, `.pth`,
+/// `.bin` or `.ckpt` or holds a `data.pkl` entry (a `torch.save`
+/// checkpoint). Such a file that fails to parse is damaged (typically a
+/// truncated download), not a file of another kind. I/O errors count as "not
+/// committed".
+pub fn committed_format(file_name: &str, src: &dyn Source) -> Option<Format> {
+    match extension(file_name).as_deref() {
+        Some("safetensors") => return Some(Format::Safetensors),
+        Some("gguf") => return Some(Format::Gguf),
+        Some("onnx") => return Some(Format::Onnx),
+        _ => {}
+    }
+    let mut magic = [0u8; 4];
+    if src.len() < magic.len() as u64 || src.read_at(0, &mut magic).is_err() {
+        return None;
+    }
+    if &magic == gguf::MAGIC {
+        return Some(Format::Gguf);
+    }
+    if &magic != torch::LOCAL_HEADER_MAGIC {
+        return None;
+    }
+    if matches!(
+        extension(file_name).as_deref(),
+        Some("pt" | "pth" | "bin" | "ckpt")
+    ) {
+        return Some(Format::Torch);
+    }
+    matches!(torch::open_checkpoint(src), Ok(Some(_))).then_some(Format::Torch)
+}
+
 /// Parse a file of a known format.
 ///
 /// For [`Format::Torch`] any zip is accepted; only `*/data/<n>` entries

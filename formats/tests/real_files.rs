@@ -10,7 +10,9 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use modelfs_formats::{detect, layout, ExternalSpan, Layout, Source, TensorSpan};
+use modelfs_formats::{
+    committed_format, detect, layout, ExternalSpan, Format, Layout, Source, TensorSpan,
+};
 use serde_json::Value;
 
 fn data_dir() -> PathBuf {
@@ -160,5 +162,57 @@ fn the_shared_tensor_has_identical_spans_in_every_format() {
         formats_seen.len(),
         4,
         "shared tensor seen in {formats_seen:?}"
+    );
+}
+
+/// A truncated download of each writer's file still declares its format by
+/// name or magic, so the importer can tell it is damaged; the same bytes
+/// under a name that commits to nothing are a guess at most.
+#[test]
+fn truncated_files_stay_committed_to_their_format() {
+    let cases = [
+        ("model.safetensors", Format::Safetensors),
+        ("model.gguf", Format::Gguf),
+        ("model.onnx", Format::Onnx),
+        ("model.pt", Format::Torch),
+    ];
+    for (name, format) in cases {
+        let bytes = fs::read(data_dir().join(name)).expect("fixture exists");
+        assert_eq!(committed_format(name, &bytes), Some(format), "{name} whole");
+        let cut = bytes[..bytes.len() * 6 / 10].to_vec();
+        assert!(layout(name, &cut).is_err(), "{name} cut to 60% parses");
+        assert_eq!(committed_format(name, &cut), Some(format), "{name} cut");
+    }
+
+    // torch.save output under a name that says nothing: the zip's data.pkl
+    // entry commits it while its directory is readable.
+    let pt = fs::read(data_dir().join("model.pt")).expect("fixture exists");
+    assert_eq!(committed_format("weights", &pt), Some(Format::Torch));
+    assert_eq!(committed_format("weights.zip", &&pt[..pt.len() / 2]), None);
+
+    // A safetensors file recognised by its header alone is only a guess.
+    let st = fs::read(data_dir().join("model.safetensors")).expect("fixture exists");
+    let cut = &st[..st.len() - 1];
+    assert_eq!(detect("weights", &cut.to_vec()), Some(Format::Safetensors));
+    assert!(layout("weights", &cut.to_vec()).is_err());
+    assert_eq!(committed_format("weights", &cut.to_vec()), None);
+
+    // GGUF magic commits whatever the name.
+    let gguf = fs::read(data_dir().join("model.gguf")).expect("fixture exists");
+    assert_eq!(
+        committed_format("weights.bin", &gguf[..100].to_vec()),
+        Some(Format::Gguf)
+    );
+
+    // Neither a legacy (non-zip) pickle nor text is committed.
+    let legacy = fs::read(data_dir().join("legacy.pt")).expect("fixture exists");
+    assert_eq!(committed_format("legacy.pt", &legacy), None);
+    assert_eq!(
+        committed_format("config.json", &b"{\"a\": 1}".to_vec()),
+        None
+    );
+    assert_eq!(
+        committed_format("model.safetensors", &Vec::new()),
+        Some(Format::Safetensors)
     );
 }

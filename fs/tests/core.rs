@@ -31,6 +31,7 @@ fn import(store: &mut Store, dir: &Path, name: &str, bytes: &[u8]) {
         name: name.into(),
         replace: false,
         follow_symlinks: false,
+        allow_malformed: false,
     };
     store.import(dir, &opts, &NoProgress).unwrap();
 }

@@ -162,6 +162,7 @@ impl Fixture {
                 name: name.to_string(),
                 replace: false,
                 follow_symlinks: false,
+                allow_malformed: false,
             };
             store
                 .import(&src.join(name), &opts, &NoProgress)

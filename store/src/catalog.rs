@@ -477,6 +477,20 @@ impl Catalog {
         self.sql(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
     }
 
+    /// Delete these models (their entries go with them) in one transaction:
+    /// a reader sees all of them or none of them gone.
+    pub fn remove_models(&self, ids: &[i64]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        self.sql(|c| {
+            let mut st = c.prepare("DELETE FROM models WHERE id = ?1")?;
+            for id in ids {
+                st.execute([id])?;
+            }
+            Ok(())
+        })?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// Read models, entries and the contents they use in one read transaction.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;

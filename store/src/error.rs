@@ -49,6 +49,29 @@ pub enum Error {
     /// No model has this name; holds the name.
     #[error("no model named {0:?}")]
     NoSuchModel(String),
+    /// A name given to remove is no model but the namespace of some (`org`
+    /// of `org/a`), and removing namespaces was not asked for.
+    #[error("{name:?} is not a model but the namespace of {}; pass --recursive to remove every model under {name}/", namespace_models(*.count, .example))]
+    IsNamespace {
+        /// The name as given.
+        name: String,
+        /// How many models are under it.
+        count: usize,
+        /// One of them, to show what is meant.
+        example: String,
+    },
+    /// Some of the names given to remove name nothing removable, so nothing
+    /// was removed; holds why, for each such name.
+    #[error("{}; nothing was removed", join_errors(.0))]
+    NothingRemoved(Vec<Error>),
+    /// The import source holds no files (an empty directory, or only empty
+    /// directories); holds the source.
+    #[error("nothing to import in {} (it holds no files)", .0.display())]
+    NothingToImport(PathBuf),
+    /// Files whose name or magic bytes say they are model files do not parse,
+    /// which almost always means a broken download; the import stored nothing.
+    #[error("{}", malformed_message(.0))]
+    MalformedModelFiles(Vec<MalformedFile>),
     /// The model exists but has no file at this path.
     #[error("no file {path:?} in model {model:?}")]
     NoSuchFile {
@@ -81,6 +104,59 @@ pub enum Error {
         /// What is missing or which version was found.
         reason: String,
     },
+}
+
+/// A model file an import refused: it declares a format (store-format §8.1)
+/// that its bytes do not parse as.
+#[derive(Debug, Clone)]
+pub struct MalformedFile {
+    /// The file, as found under the imported path.
+    pub path: PathBuf,
+    /// The format its name or magic bytes declare (`safetensors`, `torch`,
+    /// `gguf`, `onnx`).
+    pub format: String,
+    /// What the parser found wrong.
+    pub reason: String,
+}
+
+fn malformed_message(files: &[MalformedFile]) -> String {
+    let not_valid = |f: &MalformedFile| {
+        format!(
+            "{}: not a valid {} file ({})",
+            f.path.display(),
+            f.format,
+            f.reason
+        )
+    };
+    match files {
+        [f] => format!(
+            "{}, probably a truncated or broken download; nothing was imported (if the file \
+is complete, pass --allow-malformed to store it by content alone)",
+            not_valid(f)
+        ),
+        _ => {
+            let list: Vec<String> = files.iter().map(not_valid).collect();
+            format!(
+                "{} model files do not parse, probably truncated or broken downloads: {}; \
+nothing was imported (if the files are complete, pass --allow-malformed to store them by content \
+alone)",
+                files.len(),
+                list.join("; ")
+            )
+        }
+    }
+}
+
+fn namespace_models(count: usize, example: &str) -> String {
+    match count {
+        1 => format!("1 model ({example:?})"),
+        n => format!("{n} models (e.g. {example:?})"),
+    }
+}
+
+fn join_errors(errors: &[Error]) -> String {
+    let list: Vec<String> = errors.iter().map(Error::to_string).collect();
+    list.join("; ")
 }
 
 /// The store's result type: [`Error`] unless another error is named.

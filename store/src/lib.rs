@@ -40,7 +40,7 @@ use catalog::Catalog;
 
 pub use catalog::{ContentInfo, EntryInfo, ModelInfo, Snapshot};
 pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIECE};
-pub use error::{Error, Result};
+pub use error::{Error, MalformedFile, Result};
 pub use gc::GcReport;
 pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
 pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
@@ -317,11 +317,98 @@ impl Store {
 
     /// Remove a model. Its bytes stay on disk until `gc`.
     pub fn remove(&mut self, name: &str) -> Result<ModelInfo> {
-        let _lock = self.lock_writer(|| {})?;
-        let m = self.model_or_err(name)?;
-        self.catalog
-            .sql(|c| c.execute("DELETE FROM models WHERE id = ?1", [m.id]))?;
-        Ok(m)
+        let mut removed = self.remove_models(&[name], RemoveOptions::default())?;
+        Ok(removed.remove(0))
+    }
+
+    /// Remove models, all or none. Every name is resolved first: a model,
+    /// or with `opts.recursive` a namespace (`org` or `org/`, for every model
+    /// named `org/...`). If any name resolves to nothing, nothing is removed:
+    /// the error is that name's ([`Error::NoSuchModel`], [`Error::IsNamespace`],
+    /// [`Error::InvalidName`]), or, for several names, [`Error::NothingRemoved`]
+    /// with the error of each name that failed. Then every model is removed
+    /// in one catalog transaction. Returns the removed models (with
+    /// `opts.dry_run`, those that would be, and nothing changes), by name.
+    /// Their bytes stay on disk until `gc`.
+    pub fn remove_models(
+        &mut self,
+        names: &[impl AsRef<str>],
+        opts: RemoveOptions,
+    ) -> Result<Vec<ModelInfo>> {
+        // Taken before the models are read, so that no import or rm can
+        // change what the names resolve to before they are removed.
+        let _lock = if opts.dry_run {
+            None
+        } else {
+            Some(self.lock_writer(|| {})?)
+        };
+        let models = self.models()?;
+        let mut chosen: Vec<&ModelInfo> = Vec::new();
+        let mut errors = Vec::new();
+        for name in names {
+            match resolve_removal(&models, name.as_ref(), opts.recursive) {
+                Ok(found) => chosen.extend(found),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(if names.len() == 1 {
+                errors.remove(0)
+            } else {
+                Error::NothingRemoved(errors)
+            });
+        }
+        chosen.sort_by(|a, b| a.name.cmp(&b.name));
+        chosen.dedup_by_key(|m| m.id);
+        if !opts.dry_run {
+            let ids: Vec<i64> = chosen.iter().map(|m| m.id).collect();
+            self.catalog.remove_models(&ids)?;
+        }
+        Ok(chosen.into_iter().cloned().collect())
+    }
+}
+
+/// How [`Store::remove_models`] reads its names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RemoveOptions {
+    /// A name that is a namespace stands for every model under it.
+    pub recursive: bool,
+    /// Resolve the names and report what would be removed, removing nothing.
+    pub dry_run: bool,
+}
+
+/// The models `name` stands for in a removal: the model of that name, or
+/// with `recursive` every model under it as a namespace.
+fn resolve_removal<'m>(
+    models: &'m [ModelInfo],
+    name: &str,
+    recursive: bool,
+) -> Result<Vec<&'m ModelInfo>> {
+    // `org/` names the namespace as a shell's completion writes it; the
+    // empty name (`/`) would be every model and is refused as invalid.
+    let bare = name.trim_end_matches('/');
+    validate_model_name(bare).map_err(|e| match e {
+        Error::InvalidName { reason, .. } => Error::InvalidName {
+            name: name.to_string(),
+            reason,
+        },
+        e => e,
+    })?;
+    if let Some(m) = models.iter().find(|m| m.name == bare) {
+        return Ok(vec![m]);
+    }
+    let under: Vec<&ModelInfo> = models
+        .iter()
+        .filter(|m| names::is_ancestor(bare, &m.name))
+        .collect();
+    match under.first() {
+        None => Err(Error::NoSuchModel(name.to_string())),
+        Some(_) if recursive => Ok(under),
+        Some(example) => Err(Error::IsNamespace {
+            name: bare.to_string(),
+            count: under.len(),
+            example: example.name.clone(),
+        }),
     }
 }
 

@@ -470,18 +470,36 @@ fn vectors_follow_the_documents_rules() {
 // The code
 
 /// Import one file as model `v` into a new store under `dir`; the store and
-/// the import's warnings.
+/// the import's warnings. Malformed model files are allowed: what the store
+/// writes for them is specified too (vector 7).
 fn import_alone(dir: &Path, file: &str, bytes: &[u8]) -> (Store, Vec<String>) {
     let model = dir.join("model");
     std::fs::create_dir(&model).expect("mkdir");
     std::fs::write(model.join(file), bytes).expect("write");
     let mut store = Store::init(&dir.join("store")).expect("init");
-    let opts = ImportOptions {
+    let mut opts = ImportOptions {
         name: "v".into(),
         replace: false,
         follow_symlinks: false,
+        allow_malformed: false,
     };
+    // A file whose name commits it to a format it does not parse as is
+    // refused unless allowed, before anything is stored.
+    match store.import(&model, &opts, &NoProgress) {
+        Err(modelfs_store::Error::MalformedModelFiles(files)) => {
+            assert_eq!(files.len(), 1, "{file}: {files:?}");
+            assert!(files[0].path.ends_with(file), "{file}: {files:?}");
+            assert!(store.models().expect("models").is_empty(), "{file}");
+            opts.allow_malformed = true;
+        }
+        Err(e) => panic!("{file}: {e}"),
+        Ok(summary) => return (store, summary.warnings),
+    }
     let summary = store.import(&model, &opts, &NoProgress).expect("import");
+    assert!(
+        !summary.warnings.is_empty(),
+        "{file}: allowed without a warning"
+    );
     (store, summary.warnings)
 }
 

@@ -1,9 +1,10 @@
 //! The store's life cycle through its public API: import, replace, remove,
-//! gc while a reader holds a file, and verify naming damage.
+//! gc while a reader holds a file, verify naming damage, and removing
+//! several models or a namespace, all or nothing.
 
 use std::path::Path;
 
-use modelfs_store::{ImportOptions, NoProgress, Store};
+use modelfs_store::{Error, ImportOptions, NoProgress, RemoveOptions, Store};
 
 /// Deterministic pseudo-random bytes (xorshift64*), so runs are repeatable.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -31,6 +32,7 @@ fn import(store: &mut Store, dir: &Path, name: &str, replace: bool) {
         name: name.into(),
         replace,
         follow_symlinks: false,
+        allow_malformed: false,
     };
     store.import(dir, &opts, &NoProgress).unwrap();
 }
@@ -97,6 +99,7 @@ fn replace_swaps_the_model_and_gc_frees_the_old_bytes() {
                 name: "a".into(),
                 replace: false,
                 follow_symlinks: false,
+                allow_malformed: false,
             },
             &NoProgress,
         )
@@ -165,4 +168,139 @@ fn verify_names_the_damaged_file_and_only_it() {
     let reader = store.open_file(b.content_id).unwrap();
     assert!(reader.checked_segment(last).is_err());
     assert!(reader.checked_segment(0).is_ok());
+}
+
+/// A store holding `a`, `org/x`, `org/y` and `org2/z` (small, distinct files).
+fn named_models(tmp: &Path) -> Store {
+    let mut store = Store::init(&tmp.join("store")).unwrap();
+    for (i, name) in ["a", "org/x", "org/y", "org2/z"].iter().enumerate() {
+        let dir = tmp.join(format!("src{i}"));
+        write_model(&dir, &[("w.bin", &noise(10 + i as u64, 40_000))]);
+        import(&mut store, &dir, name, false);
+    }
+    store
+}
+
+fn names(store: &Store) -> Vec<String> {
+    store
+        .models()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect()
+}
+
+fn removed_names(removed: &[modelfs_store::ModelInfo]) -> Vec<&str> {
+    removed.iter().map(|m| m.name.as_str()).collect()
+}
+
+#[test]
+fn remove_is_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = named_models(tmp.path());
+    let all = names(&store);
+    // Another connection notices any commit, as a mount would.
+    let observer = Store::open(store.root()).unwrap();
+    let version = observer.data_version().unwrap();
+    let err = store
+        .remove_models(&["a", "no-such", "org/x", "org"], RemoveOptions::default())
+        .unwrap_err();
+    let Error::NothingRemoved(why) = &err else {
+        panic!("expected NothingRemoved, got {err}");
+    };
+    assert!(
+        matches!(&why[0], Error::NoSuchModel(n) if n == "no-such"),
+        "{err}"
+    );
+    assert!(
+        matches!(&why[1], Error::IsNamespace { name, count: 2, .. } if name == "org"),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no-such")
+            && msg.contains("--recursive")
+            && msg.contains("nothing was removed"),
+        "{msg}"
+    );
+    assert_eq!(names(&store), all);
+    assert_eq!(
+        observer.data_version().unwrap(),
+        version,
+        "the catalog was written"
+    );
+
+    // One bad name alone is reported as itself.
+    let err = store
+        .remove_models(&["gone"], RemoveOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NoSuchModel(n) if n == "gone"),
+        "{err}"
+    );
+
+    // All good: all removed, each once, by name.
+    let removed = store
+        .remove_models(&["org/y", "a", "org/y"], RemoveOptions::default())
+        .unwrap();
+    assert_eq!(removed_names(&removed), ["a", "org/y"]);
+    assert_eq!(names(&store), ["org/x", "org2/z"]);
+    assert!(store.verify(None).unwrap().is_clean());
+}
+
+#[test]
+fn dry_run_removes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = named_models(tmp.path());
+    let all = names(&store);
+    let dry = RemoveOptions {
+        recursive: true,
+        dry_run: true,
+    };
+    let would = store.remove_models(&["org/", "a"], dry).unwrap();
+    assert_eq!(removed_names(&would), ["a", "org/x", "org/y"]);
+    assert_eq!(names(&store), all);
+    // A dry run checks the names like a real one.
+    assert!(matches!(
+        store.remove_models(&["nope"], dry),
+        Err(Error::NoSuchModel(_))
+    ));
+}
+
+#[test]
+fn a_namespace_is_removed_only_recursively() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut store = named_models(tmp.path());
+    for name in ["org", "org/"] {
+        let err = store
+            .remove_models(&[name], RemoveOptions::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::IsNamespace { name, count: 2, .. } if name == "org"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--recursive"), "{err}");
+    }
+    // Not a namespace of whole components: `or` is nothing.
+    let recursive = RemoveOptions {
+        recursive: true,
+        dry_run: false,
+    };
+    assert!(matches!(
+        store.remove_models(&["or"], recursive),
+        Err(Error::NoSuchModel(_))
+    ));
+    // Never everything at once.
+    assert!(matches!(
+        store.remove_models(&["/"], recursive),
+        Err(Error::InvalidName { .. })
+    ));
+    let removed = store.remove_models(&["org/"], recursive).unwrap();
+    assert_eq!(removed_names(&removed), ["org/x", "org/y"]);
+    assert_eq!(names(&store), ["a", "org2/z"]);
+    // A model named exactly is removed with or without --recursive.
+    let removed = store.remove_models(&["a"], recursive).unwrap();
+    assert_eq!(removed_names(&removed), ["a"]);
+    store.gc().unwrap();
+    assert!(store.verify(None).unwrap().is_clean());
 }

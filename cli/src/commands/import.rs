@@ -13,13 +13,22 @@ use modelfs_store::{default_model_name, ImportOptions, ImportProgress, Store};
 
 use crate::output;
 
+/// The import's switches, as given on the command line.
+pub struct Flags {
+    /// Replace a model of the same name.
+    pub replace: bool,
+    /// Follow symlinks out of the imported tree.
+    pub follow_symlinks: bool,
+    /// Store model files that do not parse instead of refusing them.
+    pub allow_malformed: bool,
+}
+
 /// Import `path` as `name` (default: derived from the path).
 pub fn import(
     dir: &Path,
     path: &Path,
     name: Option<String>,
-    replace: bool,
-    follow_symlinks: bool,
+    flags: Flags,
     json: bool,
 ) -> Result<()> {
     if !path.exists() && path.symlink_metadata().is_err() {
@@ -41,8 +50,9 @@ pub fn import(
             path,
             &ImportOptions {
                 name,
-                replace,
-                follow_symlinks,
+                replace: flags.replace,
+                follow_symlinks: flags.follow_symlinks,
+                allow_malformed: flags.allow_malformed,
             },
             &progress,
         )

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use modelfs_store::Store;
+use modelfs_store::{RemoveOptions, Store};
 
 use crate::output;
 
@@ -36,13 +36,12 @@ pub fn du(dir: &Path, json: bool) -> Result<()> {
     output::usage(&store.usage()?, json)
 }
 
-/// `modelfs rm`: remove models, in order; the first failure stops.
-pub fn rm(dir: &Path, names: &[String]) -> Result<()> {
+/// `modelfs rm`: remove models (or namespaces, with `recursive`), all or
+/// none; with `dry_run` only say which.
+pub fn rm(dir: &Path, names: &[String], recursive: bool, dry_run: bool, json: bool) -> Result<()> {
     let mut store = Store::open(dir)?;
-    for n in names {
-        output::removed(&store.remove(n)?);
-    }
-    Ok(())
+    let removed = store.remove_models(names, RemoveOptions { recursive, dry_run })?;
+    output::removed(&removed, dry_run, json)
 }
 
 /// `modelfs gc`: reclaim what no model references.

@@ -1,7 +1,7 @@
 //! Turning each source file into chunks and a content: the state an import
 //! builds up between the first byte read and the commit, and the per-file
-//! pipeline (map, cut, resolve and store chunks batch by batch, decide what
-//! the file is stored as). Nothing here touches the catalog but to read it;
+//! pipeline (map, cut along the file's layout, resolve and store chunks batch
+//! by batch, decide what the file is stored as). Nothing here touches the catalog but to read it;
 //! publishing is the caller's step.
 
 use std::collections::{BTreeSet, HashMap};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use modelfs_formats::TensorSpan;
 use rayon::prelude::*;
 
-use super::source::SourceFile;
+use super::source::{FileLayout, SourceFile};
 use super::writer::{batches, populate, read_ahead, write_runs, ObjectWriter, WriteJob};
 use super::{ImportProgress, ImportSummary};
 use crate::chunker::{self, Region};
@@ -113,12 +113,17 @@ impl Ingest<'_> {
     pub(super) fn ingest_file(
         &mut self,
         src: &SourceFile,
+        layout: FileLayout,
         extra_spans: &[TensorSpan],
         progress: &dyn ImportProgress,
     ) -> Result<ContentRef> {
         let (file, size, map) = map_source(src)?;
         let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
-        let (format, mut spans) = self.detect_layout(src, &file, progress);
+        let FileLayout {
+            format,
+            tensors: mut spans,
+            ..
+        } = layout;
         spans.extend_from_slice(extra_spans);
         let regions = chunker::regions(size, &spans);
         let chunks = cut_chunks(src, bytes, &regions)?;
@@ -152,33 +157,6 @@ impl Ingest<'_> {
             format,
             segments: stored.segments,
         }))
-    }
-
-    /// The file's format and tensor spans, from its layout. A file that looks
-    /// like a model file but does not parse is cut by content alone, with a
-    /// warning.
-    fn detect_layout(
-        &mut self,
-        src: &SourceFile,
-        file: &File,
-        progress: &dyn ImportProgress,
-    ) -> (Option<String>, Vec<TensorSpan>) {
-        match modelfs_formats::layout(&src.rel, file) {
-            Ok(Some(layout)) => (
-                Some(format!("{:?}", layout.format).to_lowercase()),
-                layout.tensors,
-            ),
-            Ok(None) => (None, Vec::new()),
-            Err(e) => {
-                let msg = format!(
-                    "{}: could not parse as a model file ({e}); storing it with content-defined chunking",
-                    src.abs.display()
-                );
-                progress.warn(&msg);
-                self.summary.warnings.push(msg);
-                (None, Vec::new())
-            }
-        }
     }
 
     /// Resolve and store `chunks` batch by batch: a reader thread faults the

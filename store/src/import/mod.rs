@@ -36,7 +36,7 @@ use crate::{fsync_dir, Store};
 
 use ingest::{ContentRef, Ingest};
 pub use source::default_model_name;
-use source::{onnx_external_spans, walk, SourceTree};
+use source::{layouts, onnx_external_spans, walk, SourceTree};
 
 /// What to import a source as.
 pub struct ImportOptions {
@@ -46,6 +46,9 @@ pub struct ImportOptions {
     pub replace: bool,
     /// Follow symlinks that point outside the imported tree.
     pub follow_symlinks: bool,
+    /// Store files that declare a model format but do not parse (cut by
+    /// content alone, with a warning) instead of refusing the import.
+    pub allow_malformed: bool,
 }
 
 /// Callbacks for a progress display. All methods default to doing nothing.
@@ -57,7 +60,8 @@ pub trait ImportProgress: Sync {
     /// This many more bytes of the current file were processed.
     fn advance(&self, _bytes: u64) {}
     /// Something the user should know; the import goes on. The message is
-    /// also kept in [`ImportSummary::warnings`].
+    /// also kept in [`ImportSummary::warnings`]. May come before
+    /// [`ImportProgress::begin`].
     fn warn(&self, _message: &str) {}
     /// Another writer holds the store's lock; the import waits for it.
     fn waiting_for_lock(&self) {}
@@ -96,6 +100,11 @@ pub struct ImportSummary {
 impl Store {
     /// Import `source` as model `opts.name`. On error nothing becomes visible
     /// and objects written so far are removed (or left for `gc` if even that fails).
+    ///
+    /// Refused before anything is written: a source without files
+    /// ([`Error::NothingToImport`]), and, unless `opts.allow_malformed`, one
+    /// with files that declare a model format but do not parse
+    /// ([`Error::MalformedModelFiles`], naming each).
     pub fn import(
         &mut self,
         source: &Path,
@@ -105,12 +114,16 @@ impl Store {
         let started = Instant::now();
         validate_model_name(&opts.name)?;
         let tree = walk(source, opts.follow_symlinks)?;
+        if tree.files.is_empty() {
+            return Err(Error::NothingToImport(source.to_path_buf()));
+        }
+        let (layouts, warnings) = layouts(&tree, opts.allow_malformed, progress)?;
+        let external = onnx_external_spans(&tree, &layouts);
         let _lock = self.lock_writer(|| progress.waiting_for_lock())?;
         self.check_name_free(&opts.name, opts.replace)?;
 
         let logical: u64 = tree.files.iter().map(|f| f.size).sum();
         progress.begin(tree.files.len() as u64, logical);
-        let external = onnx_external_spans(&tree);
         let next_object = self.catalog().next_object_id()?;
         let mut ingest = Ingest::new(
             self,
@@ -125,15 +138,15 @@ impl Store {
                 recipe_files: 0,
                 identical_files: 0,
                 recognised_bytes: 0,
-                warnings: Vec::new(),
+                warnings,
             },
         );
         let mut refs = Vec::with_capacity(tree.files.len());
         let mut outcome = Ok(());
-        for f in &tree.files {
+        for (f, layout) in tree.files.iter().zip(layouts) {
             progress.file(&f.rel);
             let extra = external.get(&f.rel).map(Vec::as_slice).unwrap_or(&[]);
-            match ingest.ingest_file(f, extra, progress) {
+            match ingest.ingest_file(f, layout, extra, progress) {
                 Ok(r) => refs.push(r),
                 Err(e) => {
                     outcome = Err(e);

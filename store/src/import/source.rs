@@ -1,7 +1,8 @@
 //! What an import reads: the model's default name, the Hugging Face cache
-//! layout, the list of files under the symlink policy, and the tensor spans
-//! ONNX models declare in other files. Everything here runs before the
-//! writer lock is taken, and nothing here writes.
+//! layout, the list of files under the symlink policy, each file's layout
+//! (refusing model files that do not parse), and the tensor spans ONNX models
+//! declare in other files. Everything here runs before the writer lock is
+//! taken, and nothing here writes.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -10,9 +11,10 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use modelfs_formats::TensorSpan;
+use modelfs_formats::{ExternalSpan, TensorSpan};
 
-use crate::error::{Error, IoContext, Result};
+use super::ImportProgress;
+use crate::error::{Error, IoContext, MalformedFile, Result};
 use crate::names::check_relative_path;
 
 /// The name a model gets when `--name` is not given: `org/name` for a Hugging
@@ -73,7 +75,11 @@ fn resolve_hf_repo(abs: &Path) -> Result<PathBuf> {
 
 pub(super) struct SourceFile {
     pub(super) rel: String,
+    /// Where the bytes are read from: symlinks resolved.
     pub(super) abs: PathBuf,
+    /// Where the user sees the file: under the imported path, symlinks not
+    /// resolved (a Hugging Face snapshot's files are links to hashed blobs).
+    pub(super) shown: PathBuf,
     pub(super) size: u64,
     pub(super) executable: bool,
 }
@@ -134,6 +140,7 @@ pub(super) fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
                 tree.files.push(SourceFile {
                     rel,
                     abs: target,
+                    shown: abs,
                     size: meta.len(),
                     executable: meta.mode() & 0o111 != 0,
                 });
@@ -162,6 +169,7 @@ fn single_file(root: PathBuf, meta: &Metadata) -> Result<SourceTree> {
     let file = SourceFile {
         rel: name.to_string(),
         abs: root.clone(),
+        shown: root.clone(),
         size: meta.len(),
         executable: meta.mode() & 0o111 != 0,
     };
@@ -214,19 +222,94 @@ fn follow(abs: &Path, follow_symlinks: bool, allowed: &[PathBuf]) -> Result<(Pat
     Ok((target, meta))
 }
 
+/// What the parsers found in one file (store-format §8.1, §8.2).
+pub(super) struct FileLayout {
+    /// The format that located its tensors; `None`: cut by content alone.
+    pub(super) format: Option<String>,
+    pub(super) tensors: Vec<TensorSpan>,
+    pub(super) external: Vec<ExternalSpan>,
+}
+
+impl FileLayout {
+    /// No parser: the whole file is cut by content-defined chunking.
+    fn content_only() -> FileLayout {
+        FileLayout {
+            format: None,
+            tensors: Vec::new(),
+            external: Vec::new(),
+        }
+    }
+}
+
+/// Every file's layout, in the order of `tree.files`, read before anything
+/// is written. A file whose name or magic bytes commit it to a model format
+/// (`modelfs_formats::committed_format`) and that does not parse is almost
+/// always a broken download: unless `allow_malformed`, the import is refused,
+/// naming every such file. A file that only looked like a format, or one
+/// allowed through, is cut by content alone, with a warning (also returned).
+pub(super) fn layouts(
+    tree: &SourceTree,
+    allow_malformed: bool,
+    progress: &dyn ImportProgress,
+) -> Result<(Vec<FileLayout>, Vec<String>)> {
+    let mut out = Vec::with_capacity(tree.files.len());
+    let mut warnings = Vec::new();
+    let mut refused = Vec::new();
+    for f in &tree.files {
+        let file = File::open(&f.abs).at(&f.abs)?;
+        let e = match modelfs_formats::layout(&f.rel, &file) {
+            Ok(Some(layout)) => {
+                out.push(FileLayout {
+                    format: Some(layout.format.to_string()),
+                    tensors: layout.tensors,
+                    external: layout.external,
+                });
+                continue;
+            }
+            Ok(None) => {
+                out.push(FileLayout::content_only());
+                continue;
+            }
+            Err(e) => e,
+        };
+        match modelfs_formats::committed_format(&f.rel, &file) {
+            Some(format) if !allow_malformed => refused.push(MalformedFile {
+                path: f.shown.clone(),
+                format: format.to_string(),
+                reason: e.to_string(),
+            }),
+            _ => {
+                let msg = format!(
+                    "{}: could not parse as a model file ({e}); storing it with content-defined chunking",
+                    f.shown.display()
+                );
+                progress.warn(&msg);
+                warnings.push(msg);
+            }
+        }
+        out.push(FileLayout::content_only());
+    }
+    if !refused.is_empty() {
+        return Err(Error::MalformedModelFiles(refused));
+    }
+    Ok((out, warnings))
+}
+
 /// For every ONNX model in the tree, the tensor spans it declares in external
 /// data files, keyed by the data file's path in the model.
-pub(super) fn onnx_external_spans(tree: &SourceTree) -> HashMap<String, Vec<TensorSpan>> {
+pub(super) fn onnx_external_spans(
+    tree: &SourceTree,
+    layouts: &[FileLayout],
+) -> HashMap<String, Vec<TensorSpan>> {
     let mut out: HashMap<String, Vec<TensorSpan>> = HashMap::new();
-    for f in tree.files.iter().filter(|f| f.rel.ends_with(".onnx")) {
-        let Ok(file) = File::open(&f.abs) else {
-            continue;
-        };
-        let Ok(Some(layout)) = modelfs_formats::layout(&f.rel, &file) else {
-            continue;
-        };
+    let onnx = tree
+        .files
+        .iter()
+        .zip(layouts)
+        .filter(|(f, _)| f.rel.ends_with(".onnx"));
+    for (f, layout) in onnx {
         let dir = Path::new(&f.rel).parent().unwrap_or(Path::new(""));
-        for ext in layout.external {
+        for ext in &layout.external {
             let joined = dir.join(&ext.location);
             // Only plain relative locations inside the model are honoured.
             if joined
