@@ -1111,6 +1111,34 @@ def test_status_reports_the_mounted_store(modelfs_bin, svc, helper_mounts, mount
     assert st["models"] == len(du["models"]) and st["logical_bytes"] == du["logical_bytes"], st
 
 
+def test_commands_find_the_mount_of_the_store(modelfs_bin, svc, helper_mounts, mount_helper, empty_config,
+                                              tmp_path):
+    """status, stats and warm find the store's mount in the kernel's mount table when no
+    mount point is given or configured; a named directory that is not a modelfs mount is
+    refused by warm (it would otherwise quietly warm from the store)."""
+    m = helper_mounts()
+    m.run("mount", "-t", "fuse.modelfs", svc.mfs.store, m.mountpoint)
+    m.check_mounted()
+    env = service_env(empty_config)
+    store = ("--store", svc.mfs.store)
+    rc, out, err = _status(modelfs_bin, env, *store, "status", "--json")
+    assert rc == 0, f"status without a mount point did not find the mount: {out}{err}"
+    st = json.loads(out)
+    assert st["mounted"] is True and st["mountpoint"] == str(m.mountpoint), st
+    rc, out, err = _status(modelfs_bin, env, *store, "stats", "--json")
+    assert rc == 0 and "read_requests" in json.loads(out), out + err
+    name = svc.mfs.du()["models"][0]["name"]
+    rc, out, err = _status(modelfs_bin, env, *store, "warm", name, "--json")
+    assert rc == 0 and json.loads(out)["through_mount"] is True, out + err
+    not_a_mount = tmp_path / "not-a-mount"
+    not_a_mount.mkdir()
+    rc, out, err = _status(modelfs_bin, env, *store, "warm", name, "--mountpoint", not_a_mount)
+    assert rc != 0 and "is not a modelfs mount" in err and str(m.mountpoint) in err, (rc, out, err)
+    umount_and_check_exit(m)
+    rc, out, err = _status(modelfs_bin, env, *store, "stats")
+    assert rc == 3 and f"the store {svc.mfs.store} is not mounted" in err, (rc, out, err)
+
+
 # ------------------------------------------------------------------------------------------
 # modelfs install, the shipped units
 

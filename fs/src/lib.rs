@@ -26,8 +26,8 @@ pub mod tree;
 pub mod vfs;
 
 pub use mount::{
-    check_mountpoint, lazy_unmount, mount, mount_entry, Hooks, MountConfig, MountError, NoHooks,
-    Passthrough,
+    check_mountpoint, lazy_unmount, modelfs_mounts, mount, mount_entry, Hooks, MountConfig,
+    MountError, NoHooks, Passthrough,
 };
 pub use stats::{ModelStats, MountStats, ServingMode};
 pub use vfs::{Vfs, VfsConfig};

@@ -131,6 +131,30 @@ pub fn mount_entry(p: &Path) -> Option<(String, String)> {
     found
 }
 
+/// Every modelfs mount this process can see: (mount point, the store it
+/// serves), from /proc/self/mountinfo. The store is the mount's source
+/// field, which the daemon sets to the store directory (`FSName`).
+pub fn modelfs_mounts() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < 5 || fields.len() <= sep + 2 || fields[sep + 1] != "fuse.modelfs" {
+            continue;
+        }
+        out.push((
+            PathBuf::from(unescape(fields[4])),
+            PathBuf::from(unescape(fields[sep + 2])),
+        ));
+    }
+    out
+}
+
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();

@@ -9,6 +9,7 @@
 
 pub mod exec;
 pub mod import;
+pub mod locate;
 pub mod mount;
 pub mod stats;
 pub mod store_cmds;
@@ -52,24 +53,34 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             paths,
             mountpoint,
             json,
-        } => warm::warm(
-            &dir,
-            &name,
-            &paths,
-            mountpoint.or_else(configured_mountpoint),
-            json,
-        )?,
+        } => {
+            let named = mountpoint.is_some();
+            let mnt = locate::mount_point(&dir, mountpoint.or_else(configured_mountpoint));
+            // A configured mount point that is not mounted means "not
+            // mounted" (warm from the store); a named one is a mistake.
+            let mnt = match mnt {
+                Err(e) if named => return Err(e),
+                Err(_) => None,
+                Ok(m) => m,
+            };
+            warm::warm(&dir, &name, &paths, mnt, json)?
+        }
         Command::Stats {
             mountpoint,
             model,
             json,
         } => {
             let mnt = mountpoint.or_else(configured_mountpoint);
-            return stats::stats(mnt.as_deref(), model.as_deref(), json);
+            return match locate::mount_point(&dir, mnt.clone()) {
+                Ok(Some(found)) => stats::stats(&found, model.as_deref(), json),
+                Ok(None) => stats::not_mounted(&locate::not_mounted_message(&dir)),
+                Err(e) => stats::not_mounted(&format!("{e:#}")),
+            };
         }
         Command::Status { mountpoint, json } => {
             let mnt = mountpoint.or_else(configured_mountpoint);
-            return stats::status(&dir, mnt.as_deref(), json);
+            let found = locate::mount_point(&dir, mnt.clone()).unwrap_or(None);
+            return stats::status(&dir, found.as_deref().or(mnt.as_deref()), json);
         }
         Command::Init => store_cmds::init(&dir)?,
         Command::Import {

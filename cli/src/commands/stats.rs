@@ -8,6 +8,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+
+use super::locate::is_modelfs_mount;
 use modelfs_fs::MountStats;
 use modelfs_store::Store;
 
@@ -28,19 +30,16 @@ fn parse_stats(path: &Path, text: &str) -> Result<MountStats> {
     })
 }
 
-/// Is a modelfs mount at `mountpoint`?
-fn is_modelfs_mount(mountpoint: &Path) -> bool {
-    modelfs_fs::mount_entry(mountpoint).is_some_and(|(_, fstype)| fstype == "fuse.modelfs")
+/// Exit 3 (nothing mounted), saying why.
+pub fn not_mounted(why: &str) -> Result<ExitCode> {
+    eprintln!("modelfs: {why}");
+    Ok(ExitCode::from(3))
 }
 
 /// `modelfs stats`: the mount's statistics file, as a table or as is.
-pub fn stats(mountpoint: Option<&Path>, model: Option<&str>, as_json: bool) -> Result<ExitCode> {
-    let Some(mnt) = mountpoint else {
-        bail!("no mount point: give one, or set `mountpoint` in the configuration file");
-    };
+pub fn stats(mnt: &Path, model: Option<&str>, as_json: bool) -> Result<ExitCode> {
     if !is_modelfs_mount(mnt) {
-        eprintln!("modelfs: {}: no modelfs mount there", mnt.display());
-        return Ok(ExitCode::from(3));
+        return not_mounted(&format!("{}: no modelfs mount there", mnt.display()));
     }
     let path = mnt.join(STATS_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;

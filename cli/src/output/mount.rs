@@ -170,7 +170,7 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
             s.eio
         ),
         (None, Some(m)) => println!("not mounted at {}", m.display()),
-        (None, None) => println!("no mount point given or configured"),
+        (None, None) => println!("not mounted (no modelfs mount of this store)"),
         (Some(_), None) => unreachable!(),
     }
     match usage {
