@@ -1100,3 +1100,49 @@ def test_parallel_imports_and_gc(mfs, family, tmp_path):
     for k in done:
         check_model(mfs, k, {f["path"]: family.bytes_of(k, f["path"]) for f in family.files(k)},
                     check_hash=False)
+
+
+# ------------------------------------------------------------------------------------------
+# which store: created where, refused where
+
+
+def test_new_store_is_announced_and_foreign_directories_refused(modelfs_bin, family, tmp_path):
+    fresh = Modelfs(modelfs_bin, tmp_path / "fresh-store")
+    r = fresh.import_(family.path("gguf-model"), ok=True)
+    assert f"created a new store at {tmp_path / 'fresh-store'}" in r.stderr, r.describe()
+    again = fresh.import_(family.path("onnx-model"), ok=True)
+    assert "created a new store" not in again.stderr, again.describe()
+    r = fresh.run("init", ok=True)
+    assert "is a store already" in r.stdout, r.describe()
+
+    # a mistyped --store naming a directory with other things in it
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in home.iterdir())
+    for argv in (["init"], ["import", str(family.path("gguf-model"))]):
+        r = Modelfs(modelfs_bin, home).run(*argv, ok=False)
+        assert "is not empty" in r.stderr and "not a modelfs store" in r.stderr \
+            and str(home) in r.stderr, r.describe()
+        assert sorted(p.name for p in home.iterdir()) == before, \
+            f"`{' '.join(argv)}` changed {home}: {sorted(p.name for p in home.iterdir())}"
+        assert (home / "notes.txt").read_text() == "mine"
+
+
+def test_daemon_mount_says_which_store_and_how_many_models(modelfs_bin, family, tmp_path):
+    import mountlib
+
+    full = Modelfs(modelfs_bin, tmp_path / "full")
+    full.import_(family.path("gguf-model"), ok=True)
+    full.import_(family.path("onnx-model"), ok=True)
+    empty = Modelfs(modelfs_bin, tmp_path / "empty")
+    empty.run("init", ok=True)
+    for store, n in ((full, 2), (empty, 0)):
+        mp = tmp_path / f"mnt-{n}"
+        mp.mkdir()
+        try:
+            r = store.run("mount", mp, "--daemon", ok=True)
+            assert f"mounted {store.store} at {mp}: {n} model" in r.stdout, r.describe()
+            assert ("has no models" in r.stdout) == (n == 0), r.describe()
+        finally:
+            mountlib.force_unmount(mp)

@@ -50,8 +50,12 @@ pub fn config_ok(path: &Path, pin_budget: Option<(&str, u64)>) {
 }
 
 /// `modelfs init`.
-pub fn store_ready(dir: &Path) {
-    println!("store ready at {}", dir.display());
+pub fn store_ready(dir: &Path, created: bool) {
+    if created {
+        println!("created a new store at {}", dir.display());
+    } else {
+        println!("{} is a store already (left as it was)", dir.display());
+    }
 }
 
 /// `modelfs import`: the summary.

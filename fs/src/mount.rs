@@ -280,7 +280,13 @@ pub fn mount(cfg: &MountConfig, hooks: Arc<dyn Hooks>) -> Result<(), MountError>
 
     let session = fuser::Session::new(FuseFs::new(vfs.clone()), &mountpoint, &config)
         .map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    info!(mountpoint = %mountpoint.display(), store = %vfs.store_root().display(), "mounted");
+    let models = vfs.tree().models;
+    info!(mountpoint = %mountpoint.display(), store = %vfs.store_root().display(), models, "mounted");
+    if models == 0 {
+        // The usual cause: models imported by another user went to that
+        // user's store (sudo resets MODELFS_STORE).
+        warn!(store = %vfs.store_root().display(), "the store has no models yet; if you imported some, they went to another store (each user has their own unless --store or MODELFS_STORE says otherwise)");
+    }
     set_read_ahead(&mountpoint, cfg.read_ahead_kb);
     let device = mount_entry(&mountpoint).map(|(dev, _)| dev);
     // Sharing below the file is an addition: a mount that cannot offer it

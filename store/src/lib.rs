@@ -109,6 +109,14 @@ pub struct FileInfo {
 impl Store {
     /// Create a store at `root` (or open it if it already is one).
     pub fn init(root: &Path) -> Result<Store> {
+        Self::create_or_open(root).map(|(store, _)| store)
+    }
+
+    /// Open the store at `root`, creating it if there is none; also says
+    /// whether it was created. A directory that holds anything but a store's
+    /// own files is refused: a mistyped `--store` must not turn a user's
+    /// directory into a store (whose gc would then manage it).
+    pub fn create_or_open(root: &Path) -> Result<(Store, bool)> {
         // Absolute, so object paths handed to the mount or printed by `ls`
         // stay valid whatever the caller's working directory.
         let root = &std::path::absolute(root).at(root)?;
@@ -117,6 +125,9 @@ impl Store {
         // damaged catalog.db must be an error, not a fresh empty store whose
         // next gc would delete every object.
         let existed = cat_path.exists();
+        if !existed {
+            refuse_foreign_directory(root)?;
+        }
         std::fs::create_dir_all(root.join(OBJECTS_DIR)).at(root)?;
         // Explicit modes, whatever the umask: writable by the owner only.
         set_mode(root, 0o755)?;
@@ -124,10 +135,13 @@ impl Store {
         let catalog = Catalog::open(&cat_path, !existed)?;
         set_mode(&cat_path, 0o644)?;
         fsync_dir(root)?;
-        Ok(Store {
-            root: root.to_path_buf(),
-            catalog,
-        })
+        Ok((
+            Store {
+                root: root.to_path_buf(),
+                catalog,
+            },
+            !existed,
+        ))
     }
 
     /// Open an existing store; a clear error if `root` is not one.
@@ -421,4 +435,32 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// fsync a directory so that entries created in it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Names a store directory may hold before its catalog exists: those of an
+/// `init` that was interrupted.
+const STORE_ENTRIES: &[&str] = &[CATALOG_FILE, OBJECTS_DIR, LOCK_FILE, TRACES_DIR];
+
+/// Refuse to create a store in a directory that has other things in it.
+fn refuse_foreign_directory(root: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).at(root),
+    };
+    for entry in entries {
+        let name = entry.at(root)?.file_name();
+        let name = name.to_string_lossy();
+        let own = STORE_ENTRIES.contains(&name.as_ref()) || name.starts_with(CATALOG_FILE);
+        if !own {
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+                reason: format!(
+                    "the directory is not empty ({name:?} is in it) and is not a modelfs store; \
+                     a new store needs an empty or new directory"
+                ),
+            });
+        }
+    }
+    Ok(())
 }

@@ -43,7 +43,14 @@ pub fn import(
             )
         })?,
     };
-    let mut store = Store::init(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    let (mut store, created) =
+        Store::create_or_open(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    if created {
+        // On stderr: --json output stays one document. A mistyped --store,
+        // or a store other than the mounted one (sudo drops MODELFS_STORE),
+        // shows here at once.
+        eprintln!("modelfs: created a new store at {}", store.root().display());
+    }
     let progress = BarProgress::new();
     let summary = store
         .import(

@@ -207,7 +207,13 @@ fn daemonize(mountpoint: &Path) -> Result<ExitCode> {
     let stdout = child.stdout.take().expect("piped");
     io::BufReader::new(stdout).read_line(&mut line)?;
     if line.trim() == "ready" {
-        output::daemon_mounted(mountpoint, child.id());
+        // Which store, and how many models: an empty mount is most often the
+        // wrong store (sudo resets MODELFS_STORE), and this is where the
+        // user looks.
+        let served = std::fs::read_to_string(mountpoint.join(".modelfs/stats.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<modelfs_fs::MountStats>(&t).ok());
+        output::daemon_mounted(mountpoint, child.id(), served.as_ref());
         return Ok(ExitCode::SUCCESS);
     }
     let status = child.wait()?;

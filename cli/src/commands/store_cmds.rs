@@ -16,8 +16,9 @@ use crate::output;
 
 /// `modelfs init`: create an empty store.
 pub fn init(dir: &Path) -> Result<()> {
-    Store::init(dir).with_context(|| format!("creating store {}", dir.display()))?;
-    output::store_ready(dir);
+    let (store, created) =
+        Store::create_or_open(dir).with_context(|| format!("creating store {}", dir.display()))?;
+    output::store_ready(store.root(), created);
     Ok(())
 }
 

@@ -15,8 +15,27 @@ use modelfs_store::Usage;
 use super::json;
 
 /// `modelfs mount --daemon`: the child reported ready.
-pub fn daemon_mounted(mountpoint: &Path, pid: u32) {
-    println!("mounted {} (daemon pid {pid})", mountpoint.display());
+pub fn daemon_mounted(mountpoint: &Path, pid: u32, served: Option<&modelfs_fs::MountStats>) {
+    match served {
+        Some(s) => {
+            let n = s.models.len();
+            println!(
+                "mounted {} at {}: {n} model{} (daemon pid {pid})",
+                s.store.display(),
+                mountpoint.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            if n == 0 {
+                println!(
+                    "note: the store {} has no models; models imported by another user (or without sudo) \
+went to that user's store: import with --store {} or mount that store",
+                    s.store.display(),
+                    s.store.display()
+                );
+            }
+        }
+        None => println!("mounted {} (daemon pid {pid})", mountpoint.display()),
+    }
 }
 
 /// What `modelfs warm` read.
