@@ -1143,6 +1143,6 @@ def test_daemon_mount_says_which_store_and_how_many_models(modelfs_bin, family, 
         try:
             r = store.run("mount", mp, "--daemon", ok=True)
             assert f"mounted {store.store} at {mp}: {n} model" in r.stdout, r.describe()
-            assert ("has no models" in r.stdout) == (n == 0), r.describe()
+            assert ("has no models" in r.stderr) == (n == 0), r.describe()
         finally:
             mountlib.force_unmount(mp)

@@ -1139,6 +1139,55 @@ def test_commands_find_the_mount_of_the_store(modelfs_bin, svc, helper_mounts, m
     assert rc == 3 and f"the store {svc.mfs.store} is not mounted" in err, (rc, out, err)
 
 
+def test_daemon_log_file_has_the_startup_and_the_terminal_only_warnings(modelfs_bin, svc, work,
+                                                                       empty_config):
+    """`--daemon --log-file F` with `log = "info"` configured: F holds the startup lines
+    (the mount line at info level), the terminal of the start gets none of them."""
+    cfg, log = work / "log-config.toml", work / "startup.log"
+    cfg.write_text('log = "info"\n')
+    mp = work / "log-mnt"
+    mp.mkdir(exist_ok=True)
+    env = service_env(empty_config, MODELFS_CONFIG=cfg)
+    try:
+        cp = subprocess.run([str(modelfs_bin), "--store", str(svc.mfs.store), "mount", str(mp),
+                             "--daemon", "--log-file", str(log)], capture_output=True, text=True,
+                            timeout=60, env=env, stdin=subprocess.DEVNULL)
+        assert cp.returncode == 0, cp.stderr
+        assert " INFO " not in cp.stdout + cp.stderr, f"INFO lines on the terminal:\n{cp.stderr}"
+        assert wait_until(lambda: _log_count(log, "mounted") >= 1, 5.0), \
+            f"the startup line is not in the log file:\n{log.read_text() if log.exists() else ''}"
+        mountlib.force_unmount(mp)
+        # without a log file, the configured level does not reach the terminal either
+        cp = subprocess.run([str(modelfs_bin), "--store", str(svc.mfs.store), "mount", str(mp),
+                             "--daemon"], capture_output=True, text=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+        assert cp.returncode == 0 and " INFO " not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+    finally:
+        mountlib.force_unmount(mp)
+
+
+def test_metrics_address_that_cannot_be_bound_fails_the_start(modelfs_bin, svc, work, empty_config):
+    import socket as _socket
+
+    taken = _socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    addr = f"127.0.0.1:{taken.getsockname()[1]}"
+    mp = work / "metrics-mnt"
+    mp.mkdir(exist_ok=True)
+    try:
+        for daemon in ([], ["--daemon"]):
+            cp = subprocess.run([str(modelfs_bin), "--store", str(svc.mfs.store), "mount", str(mp),
+                                 "--metrics", addr, *daemon], capture_output=True, text=True,
+                                timeout=60, env=service_env(empty_config), stdin=subprocess.DEVNULL)
+            assert cp.returncode != 0, f"mount with a taken metrics address started: {cp.stdout}"
+            assert f"cannot serve metrics at {addr}" in cp.stderr, cp.stderr
+            assert not is_mounted(mp), "mounted although the metrics endpoint could not serve"
+    finally:
+        taken.close()
+        mountlib.force_unmount(mp)
+
+
 # ------------------------------------------------------------------------------------------
 # modelfs install, the shipped units
 

@@ -67,7 +67,15 @@ fn main() -> ExitCode {
         Command::Mount(_) => "info",
         _ => "warn",
     };
-    service::init_logging(default_log);
+    // A daemon's --log-file holds its whole log, startup included.
+    let log_file = match &cli.command {
+        Command::Mount(m) if !m.daemon => m.log_file.as_deref(),
+        _ => None,
+    };
+    if let Err(e) = service::init_logging(default_log, log_file) {
+        eprintln!("modelfs: error: {e:#}");
+        return ExitCode::from(1);
+    }
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -25,22 +25,48 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::service::Live;
 
-/// Serve `/metrics` at `addr` until the process exits; a warning, and no
-/// endpoint, if the address cannot be bound.
-pub fn serve(addr: SocketAddr, vfs: Arc<Vfs>, store_root: PathBuf, live: Arc<Live>) {
-    match tiny_http::Server::http(addr) {
-        Ok(server) => {
-            info!(%addr, "serving Prometheus metrics at /metrics");
-            std::thread::Builder::new()
-                .name("metrics".into())
-                .spawn(move || respond(server, &registry(vfs, &store_root, live)))
-                .expect("spawn metrics thread");
-        }
-        Err(e) => warn!(%addr, "cannot serve metrics: {e}"),
+/// A bound metrics address, not yet answering.
+///
+/// Only the socket exists until [`Endpoint::serve`]: tiny_http starts its
+/// accept thread when the server is built, and a thread started before the
+/// mount blocks its signals would take SIGHUP or SIGTERM with the default
+/// action (the process would die instead of reloading or unmounting).
+pub struct Endpoint {
+    addr: SocketAddr,
+    listener: std::net::TcpListener,
+}
+
+impl Endpoint {
+    /// Bind `addr`. Monitoring relies on a configured endpoint, so one that
+    /// cannot be bound is an error that ends the start, not a warning.
+    pub fn bind(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve metrics at {addr}: {e}; free the port or set another `metrics` address"
+            )
+        })?;
+        Ok(Endpoint { addr, listener })
+    }
+
+    /// Answer `/metrics` until the process exits.
+    pub fn serve(self, vfs: Arc<Vfs>, store_root: PathBuf, live: Arc<Live>) {
+        let addr = self.addr;
+        let server = match tiny_http::Server::from_listener(self.listener, None) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%addr, "cannot serve metrics: {e}");
+                return;
+            }
+        };
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || respond(server, &registry(vfs, &store_root, live)))
+            .expect("spawn metrics thread");
     }
 }
 

@@ -6,7 +6,9 @@
 //! as opposed to serving files, which is the fs crate's.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -20,15 +22,30 @@ type FilterHandle = reload::Handle<EnvFilter, Registry>;
 static FILTER: OnceLock<FilterHandle> = OnceLock::new();
 
 /// Logs go to stderr: human-readable with colours on a terminal; JSON lines
-/// under systemd (JOURNAL_STREAM is set), which journald stores as fields.
-/// The filter is `RUST_LOG`, else `default`, and can be replaced on SIGHUP.
-pub fn init_logging(default: &str) {
+/// under systemd (JOURNAL_STREAM is set), which journald stores as fields;
+/// plain lines appended to `log_file` if one is given (errors that end the
+/// process still go to stderr, where the caller sees them). The filter is
+/// `RUST_LOG`, else `default`, and can be replaced on SIGHUP.
+pub fn init_logging(default: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let (filter, handle) = reload::Layer::new(filter);
     let _ = FILTER.set(handle);
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     let registry = tracing_subscriber::registry().with(filter);
-    if under_systemd {
+    if let Some(path) = log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening the log file {}", path.display()))?;
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(Mutex::new(file))
+                    .with_ansi(false),
+            )
+            .init();
+    } else if under_systemd {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
@@ -45,6 +62,7 @@ pub fn init_logging(default: &str) {
             )
             .init();
     }
+    Ok(())
 }
 
 /// Replace the log filter (on SIGHUP), unless RUST_LOG pins it.
@@ -70,7 +88,9 @@ pub struct Live {
 pub struct Service {
     pub config_path: Option<PathBuf>,
     pub store: PathBuf,
-    pub metrics: Option<std::net::SocketAddr>,
+    /// The metrics endpoint, bound before mounting (a configured endpoint
+    /// that cannot serve fails the start); served once ready.
+    pub metrics: Mutex<Option<crate::metrics::Endpoint>>,
     pub live: Arc<Live>,
     /// Called once ready (the `--daemon` handshake).
     pub on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -89,8 +109,8 @@ fn notify(state: &[sd_notify::NotifyState]) {
 impl Hooks for Service {
     fn ready(&self, vfs: &Arc<Vfs>) {
         let _ = self.vfs.set(vfs.clone());
-        if let Some(addr) = self.metrics {
-            crate::metrics::serve(addr, vfs.clone(), self.store.clone(), self.live.clone());
+        if let Some(endpoint) = self.metrics.lock().expect("lock").take() {
+            endpoint.serve(vfs.clone(), self.store.clone(), self.live.clone());
         }
         let tree = vfs.tree();
         let status = format!(

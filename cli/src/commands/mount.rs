@@ -139,7 +139,11 @@ pub fn mount(
         .map(|m| m.parse::<std::net::SocketAddr>())
         .transpose()
         .context("metrics address")?;
-    if let Some(l) = &file.log {
+    // The configured level applies where the log goes somewhere that keeps
+    // it: not to the terminal of a `--daemon` start (warnings only there).
+    let on_callers_terminal =
+        args.daemon || (std::env::var_os(READY_ENV).is_some() && args.log_file.is_none());
+    if let (Some(l), false) = (&file.log, on_callers_terminal) {
         service::set_log_filter(l);
     }
     let cfg = modelfs_fs::MountConfig {
@@ -170,10 +174,11 @@ pub fn mount(
     live.pin_budget
         .store(pin_budget, std::sync::atomic::Ordering::Relaxed);
     let log_file = args.log_file.clone();
+    let metrics = metrics.map(crate::metrics::Endpoint::bind).transpose()?;
     let svc = service::Service {
         config_path,
         store,
-        metrics,
+        metrics: std::sync::Mutex::new(metrics),
         live,
         on_ready: std::sync::Mutex::new(Some(Box::new(move || notify_ready(log_file.as_deref())))),
         vfs: std::sync::OnceLock::new(),

@@ -25,14 +25,6 @@ pub fn daemon_mounted(mountpoint: &Path, pid: u32, served: Option<&modelfs_fs::M
                 mountpoint.display(),
                 if n == 1 { "" } else { "s" }
             );
-            if n == 0 {
-                println!(
-                    "note: the store {} has no models; models imported by another user (or without sudo) \
-went to that user's store: import with --store {} or mount that store",
-                    s.store.display(),
-                    s.store.display()
-                );
-            }
         }
         None => println!("mounted {} (daemon pid {pid})", mountpoint.display()),
     }
