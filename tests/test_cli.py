@@ -1146,3 +1146,118 @@ def test_daemon_mount_says_which_store_and_how_many_models(modelfs_bin, family, 
             assert ("has no models" in r.stderr) == (n == 0), r.describe()
         finally:
             mountlib.force_unmount(mp)
+
+
+# ------------------------------------------------------------------------------------------
+# everyday errors and output: each cause said once, with what to do; pipes; empty variables
+
+
+def _small_model(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "tiny"}')
+    (d / "vocab.txt").write_text("a\nb\n")
+    return d
+
+
+def test_store_of_another_user_errors_once_with_a_hint(modelfs_bin):
+    """A store the user may not write: the OS error appears once (not once per error
+    layer) and a hint says whose store it is and what to do."""
+    if not IS_ROOT:
+        pytest.fail("this test switches to user nobody with setpriv: run the suite as root")
+    work = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="modelfs-perm-"))
+    try:
+        os.chmod(work, 0o755)
+        owner = Modelfs(modelfs_bin, work / "store")
+        owner.run("import", _small_model(work / "m"), ok=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        user = Modelfs(modelfs_bin, work / "store", ["setpriv", "--reuid=65534", "--regid=65534",
+                                                    "--clear-groups"])
+        for args in (["import", work / "m", "--name", "other"], ["rm", "m"], ["gc"]):
+            r = user.run(*args, ok=False)
+            err = r.stderr
+            for cause in ("Operation not permitted", "Permission denied", "readonly database"):
+                assert err.count(cause) <= 1, f"cause {cause!r} repeated:\n" + r.describe()
+            assert "hint:" in err and "belongs to root" in err and "--store" in err, r.describe()
+            assert str(work / "store") in err, r.describe()
+        # Creating a store where the user cannot write.
+        r = Modelfs(modelfs_bin, work / "new-store", user.prefix).run("init", ok=False)
+        assert r.stderr.count("Permission denied") == 1, r.describe()
+        assert "cannot create a store" in r.stderr and "--store" in r.stderr, r.describe()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("var", ["MODELFS_STORE", "MODELFS_CONFIG"])
+def test_empty_environment_variable_counts_as_unset(mfs, tmp_path, var):
+    mfs.run("import", _small_model(tmp_path / "m"), ok=True)
+    r = mfs.run("ls", "--json", ok=True, env={var: ""})
+    assert [m["name"] for m in r.json()] == ["m"], r.describe()
+    # Without --store, an empty MODELFS_STORE falls back to the default store.
+    argv = [str(mfs.bin), "ls"]
+    env = {**os.environ, var: "", "XDG_DATA_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    cp = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert "a value is required" not in cp.stderr, cp.stderr
+    assert "--help" not in cp.stderr, cp.stderr
+
+
+CLOSED_PIPE_COMMANDS = [["du"], ["du", "--json"], ["ls"], ["ls", "--json"], ["ls", "m"],
+                        ["verify"], ["gc", "--json"], ["cat", "m/config.json"], ["--help"]]
+
+
+@pytest.mark.parametrize("args", CLOSED_PIPE_COMMANDS, ids=" ".join)
+def test_output_to_a_closed_pipe_ends_quietly(mfs, tmp_path, args):
+    """`modelfs du | head -1`: the reader is gone before we write. Made deterministic by
+    closing the read end first. Ends like any Unix tool (SIGPIPE or 0), with nothing on
+    stderr: no panic, no backtrace, no "Broken pipe" error."""
+    mfs.run("import", _small_model(tmp_path / "m"), ok=True)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        cp = subprocess.run(mfs.argv(*args), stdout=w, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.close(w)
+    assert cp.returncode in (0, -13), f"{args}: exit {cp.returncode}, stderr {cp.stderr!r}"
+    assert cp.stderr == b"", f"{args}: stderr {cp.stderr!r}"
+
+
+def test_pipe_to_head_shows_the_first_line(mfs, tmp_path):
+    for i in range(30):
+        mfs.run("import", _small_model(tmp_path / f"m{i}"), ok=True)
+    cp = subprocess.run(f"{mfs.argv('du')[0]} --store {mfs.store} du | head -1", shell=True,
+                        capture_output=True, text=True, timeout=60)
+    assert cp.stdout.startswith("logical "), cp.stdout
+    assert cp.stderr == "", cp.stderr
+
+
+def test_counts_of_one_are_singular(mfs, tmp_path):
+    d = tmp_path / "one"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    r = mfs.run("import", d, ok=True)
+    assert "1 file," in r.stdout and "1 files" not in r.stdout, r.stdout
+    r = mfs.run("verify", ok=True)
+    assert "1 model, 1 file, 1 distinct content" in r.stdout and "0 damaged files" in r.stdout, r.stdout
+    r = mfs.run("rm", "one", ok=True)
+    assert "(1 file," in r.stdout, r.stdout
+
+
+def test_cat_of_a_model_says_to_name_a_file(mfs, tmp_path):
+    mfs.run("import", _small_model(tmp_path / "m"), "--name", "org/m", ok=True)
+    for asked in ("org/m", "org/m/"):
+        r = mfs.run("cat", asked, ok=False)
+        assert "is a model, not a file" in r.stderr, r.describe()
+        assert "org/m/config.json" in r.stderr and "modelfs ls org/m" in r.stderr, r.describe()
+        assert "no model name is a prefix" not in r.stderr, r.describe()
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_mount_helper_help_exits_0(modelfs_bin, tmp_path, flag):
+    link = tmp_path / "mount.fuse.modelfs"
+    os.symlink(Path(modelfs_bin).resolve(), link)
+    for argv in ([str(link), flag], [str(link), "/store", "/mnt", flag]):
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+        assert cp.returncode == 0, f"{argv}: exit {cp.returncode}, stderr {cp.stderr!r}"
+        assert cp.stdout.startswith("usage: mount.fuse.modelfs STORE MOUNTPOINT"), cp.stdout
+        assert cp.stderr == "", cp.stderr

@@ -976,3 +976,116 @@ def test_allow_other(fam_store, mount_factory):
     finally:
         mountlib.force_unmount(work / "mnt")
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# names, poll, busy unmount
+
+
+def _small_store(new_store, tmp_path) -> Modelfs:
+    d = tmp_path / "src" / "m"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "tiny"}')
+    (d / "sub").mkdir()
+    (d / "sub" / "vocab.txt").write_text("a\nb\n")
+    mfs = new_store()
+    mfs.import_(d, ok=True)
+    return mfs
+
+
+def _errno_of(op):
+    try:
+        r = op()
+    except OSError as e:
+        return e.errno
+    if isinstance(r, int):
+        os.close(r)
+    return 0
+
+
+KERNEL_EROFS_FIRST = {"unlink", "rmdir", "rename to", "rename from"}
+
+
+def test_names_longer_than_255_bytes_are_enametoolong(new_store, mount_factory, tmp_path):
+    """What pjdfstest's */02 tests check: a component over NAME_MAX (255 bytes) is
+    ENAMETOOLONG for every call that takes a name, not ENOENT or EROFS."""
+    m = mount_factory(_small_store(new_store, tmp_path))
+    mp = m.mountpoint
+    f, d = mp / "m/config.json", mp / "m/sub"
+    wrong = []
+    for n in (256, 1000):
+        for where in (mp, d):
+            long = where / ("x" * n)
+            ops = [
+                ("stat", lambda: os.stat(long)),
+                ("lstat", lambda: os.lstat(long)),
+                ("open", lambda: os.open(long, os.O_RDONLY)),
+                ("open O_CREAT", lambda: os.open(long, os.O_WRONLY | os.O_CREAT, 0o644)),
+                ("mkdir", lambda: os.mkdir(long)),
+                ("mkfifo", lambda: os.mkfifo(long)),
+                ("mknod", lambda: os.mknod(long, 0o644 | stat.S_IFREG)),
+                ("unlink", lambda: os.unlink(long)),
+                ("rmdir", lambda: os.rmdir(long)),
+                ("symlink", lambda: os.symlink("target", long)),
+                ("link", lambda: os.link(f, long)),
+                ("rename to", lambda: os.rename(f, long)),
+                ("rename from", lambda: os.rename(long, d / "y")),
+                ("chmod", lambda: os.chmod(long, 0o600)),
+                ("chown", lambda: os.chown(long, 0, 0)),
+                ("truncate", lambda: os.truncate(long, 0)),
+            ]
+            for label, op in ops:
+                e = _errno_of(op)
+                # unlink, rmdir and rename of a read-only mount get EROFS from the kernel
+                # before any lookup, as on every read-only filesystem (pjdfstest's
+                # unlink/02, rmdir/02 and rename/02 are not in the list that fails).
+                if label in KERNEL_EROFS_FIRST and e == errno.EROFS:
+                    continue
+                if e != errno.ENAMETOOLONG:
+                    wrong.append(f"{label} of a {n}-byte name in {where.relative_to(mp.parent)}: "
+                                 f"{errno.errorcode.get(e, e)}")
+    assert not wrong, "calls that did not fail with ENAMETOOLONG:\n" + "\n".join(wrong)
+    # 255 bytes is a valid name: it just does not exist, and the mount is read-only.
+    at_max = mp / ("x" * 255)
+    assert _errno_of(lambda: os.stat(at_max)) == errno.ENOENT
+    assert _errno_of(lambda: os.mkdir(at_max)) == errno.EROFS
+    assert os.statvfs(mp).f_namemax == 255
+
+
+def test_poll_is_answered_quietly(new_store, mount_factory, tmp_path):
+    """Event loops and io_uring poll regular files: always ready, and no
+    "[Not Implemented] poll" warning in the daemon's log per call."""
+    import select  # noqa: PLC0415
+
+    m = mount_factory(_small_store(new_store, tmp_path), "--passthrough", "off", start=False)
+    m.start_foreground()
+    fd = os.open(m / "m/config.json", os.O_RDONLY)
+    try:
+        for _ in range(3):
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            assert p.poll(1000) == [(fd, select.POLLIN)]
+        assert os.read(fd, 100).startswith(b'{"model_type"')
+    finally:
+        os.close(fd)
+    m.umount()
+    log = m.log_text()
+    assert "Not Implemented" not in log, log
+
+
+def test_umount_of_a_busy_mount_says_why_in_one_line(new_store, mount_factory, tmp_path):
+    m = mount_factory(_small_store(new_store, tmp_path))
+    mp = m.mountpoint
+    fd = os.open(mp / "m/config.json", os.O_RDONLY)
+    try:
+        cp = m.umount(check=False)
+        err = cp.stderr.decode()
+        assert cp.returncode != 0, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert f"{mp} is busy: 1 process has files open (fuser -vm {mp} lists them)" in err, err
+        assert "--lazy" in err and "fusermount" not in err, err
+        assert is_mounted(mp)
+    finally:
+        os.close(fd)
+    m.umount()

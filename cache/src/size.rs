@@ -42,7 +42,9 @@ use std::io;
 /// makes the OOM killer choose a loader.
 pub const DEFAULT_BUDGET_PERCENT: u64 = 25;
 
-/// Why a size did not parse.
+/// Why a size did not parse. [`SizeError::Meminfo`] says its cause in its
+/// message and so does not also return it from `source()` (a chain printer
+/// would show it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum SizeError {
     /// Not a number with a known unit or a percentage; holds the text as given.
@@ -56,7 +58,7 @@ pub enum SizeError {
     Percent(String),
     /// A percentage was given but total RAM could not be read.
     #[error("reading total RAM from /proc/meminfo: {0}")]
-    Meminfo(#[source] io::Error),
+    Meminfo(io::Error),
 }
 
 /// Parse a size: `4GiB`, `512M`, `1.5G`, `4GB`, `1000000`, or `10%` of total

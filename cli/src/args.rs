@@ -286,6 +286,25 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
 }
 
+/// The environment variables that stand in for global flags.
+const FLAG_ENV: [&str; 2] = ["MODELFS_STORE", "MODELFS_CONFIG"];
+
+/// Remove `MODELFS_STORE=` and `MODELFS_CONFIG=` set to nothing from the
+/// environment, before parsing. clap takes an empty variable as an empty
+/// value, which a path refuses, and checks it again for every subcommand
+/// the global flag reaches, so one empty variable (`MODELFS_STORE=` in a
+/// unit file, or `export MODELFS_STORE=$UNSET`) would fail every command,
+/// even one given `--store`. Empty means unset, as for most tools. Removed,
+/// not skipped, so the `--daemon` child and `modelfs exec` programs do not
+/// inherit it either. Call before any thread starts.
+pub fn ignore_empty_env() {
+    for var in FLAG_ENV {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(var);
+        }
+    }
+}
+
 /// The `modelfs` arguments a helper invocation was translated into; the
 /// `--daemon` child is started with these.
 static HELPER_ARGS: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
@@ -309,4 +328,42 @@ pub fn args_without_daemon() -> Vec<OsString> {
         None => std::env::args_os().skip(1).collect(),
     };
     args.into_iter().filter(|a| a != "--daemon").collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both the empty-variable case and its fix, in one test: the
+    /// environment is the process's, shared by every test thread, and no
+    /// other test of this crate parses a command line.
+    #[test]
+    fn an_empty_flag_variable_counts_as_unset() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("modelfs").chain(args.iter().copied()))
+        };
+        for var in FLAG_ENV {
+            std::env::set_var(var, "");
+            assert!(
+                parse(&["--store", "/s", "ls"]).is_err(),
+                "clap accepts an empty {var} now: ignore_empty_env may be unnecessary"
+            );
+            ignore_empty_env();
+            assert_eq!(std::env::var_os(var), None);
+            let cli = parse(&["--store", "/s", "ls"]).expect("parses with --store");
+            assert_eq!(cli.store.as_deref(), Some(std::path::Path::new("/s")));
+            let cli = parse(&["ls"]).expect("parses without --store");
+            assert_eq!(cli.store, None);
+            assert_eq!(cli.config, None);
+        }
+        // A set variable is left alone.
+        std::env::set_var("MODELFS_STORE", "/from/env");
+        ignore_empty_env();
+        let cli = parse(&["ls"]).expect("parses");
+        assert_eq!(
+            cli.store.as_deref(),
+            Some(std::path::Path::new("/from/env"))
+        );
+        std::env::remove_var("MODELFS_STORE");
+    }
 }

@@ -32,7 +32,23 @@ use modelfs_mount_helper::HelperError;
 
 use args::{Cli, Command};
 
+/// How a write to a closed pipe or socket ends: the process (`SIG_DFL`), or
+/// only the write, with EPIPE (`SIG_IGN`, Rust's default).
+fn set_sigpipe(action: libc::sighandler_t) {
+    // SAFETY: both actions are valid dispositions for SIGPIPE and no handler
+    // function is installed; it runs before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, action);
+    }
+}
+
 fn main() -> ExitCode {
+    // A command whose reader went away (`modelfs du | head -1`) ends quietly
+    // as every Unix tool does: by SIGPIPE, not by EPIPE turned into a panic
+    // in println! or an error in a JSON writer. Set before parsing, so
+    // `--help | head` is covered too.
+    set_sigpipe(libc::SIG_DFL);
+    args::ignore_empty_env();
     // Invoked by mount(8) as mount.fuse.modelfs (or mount.modelfs)?
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let program = Path::new(&argv0)
@@ -55,6 +71,12 @@ fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
+    // The mount daemon writes to the FUSE device, to metrics and layout
+    // clients and to its parent's pipe, any of which may go away: that must
+    // fail a write, never kill the mount.
+    if matches!(cli.command, Command::Mount(_)) {
+        set_sigpipe(libc::SIG_IGN);
+    }
     // A `--daemon` child logs to the caller's terminal until it is ready:
     // keep that to warnings unless the log goes to a file.
     let default_log = match &cli.command {
@@ -78,14 +100,18 @@ fn main() -> ExitCode {
     }
     match commands::run(cli) {
         Ok(code) => code,
-        Err(e) => {
+        Err(commands::Failure { error, hint }) => {
             // A reader that went away (`modelfs cat ... | head`) is not a failure.
-            if e.downcast_ref::<io::Error>()
+            if error
+                .downcast_ref::<io::Error>()
                 .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("modelfs: error: {e:#}");
+            eprintln!("modelfs: error: {error:#}");
+            if let Some(hint) = hint {
+                eprintln!("modelfs: hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }

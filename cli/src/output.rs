@@ -31,6 +31,17 @@ pub fn json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// `n` and the noun, singular for one: "1 file", "2 files", "0 files".
+/// Every noun the CLI counts takes a plain "s".
+pub fn count(n: impl TryInto<u64>, noun: &str) -> String {
+    let n = n.try_into().unwrap_or(u64::MAX);
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Width of a table's first column: its longest value, at least its heading.
 fn column_width<'a>(heading: &str, values: impl Iterator<Item = &'a str>) -> usize {
     values.map(str::len).max().unwrap_or(0).max(heading.len())
@@ -64,9 +75,9 @@ pub fn import(summary: &ImportSummary, as_json: bool) -> Result<()> {
         return json(summary);
     }
     println!(
-        "imported {}: {} files, {}, {} new stored ({} whole, {} recipe, {} identical to stored files; {} recognised in memory), {:.2} s",
+        "imported {}: {}, {}, {} new stored ({} whole, {} recipe, {} identical to stored files; {} recognised in memory), {:.2} s",
         summary.name,
-        summary.files,
+        count(summary.files, "file"),
         HumanBytes(summary.logical_bytes),
         HumanBytes(summary.new_bytes),
         summary.whole_files,
@@ -175,7 +186,7 @@ pub fn removed(models: &[ModelInfo], dry_run: bool, as_json: bool) -> Result<()>
         println!(
             "{verb} {} ({}, {})",
             m.name,
-            count(m.files, "file", "files"),
+            count(m.files, "file"),
             HumanBytes(m.logical_bytes)
         );
     }
@@ -187,26 +198,24 @@ pub fn removed(models: &[ModelInfo], dry_run: bool, as_json: bool) -> Result<()>
     Ok(())
 }
 
-/// "1 file", "2 files".
-fn count(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 /// `modelfs gc`: what was reclaimed.
 pub fn gc(r: &GcReport, as_json: bool) -> Result<()> {
     if as_json {
         return json(r);
     }
     println!(
-        "gc: freed {}; removed {} objects, {} contents, {} chunks, {} load traces; punched holes in {} objects{}",
+        "gc: freed {}; removed {}, {}, {}, {}; punched holes in {}{}",
         HumanBytes(r.bytes_freed),
-        r.objects_removed,
-        r.contents_removed,
-        r.chunks_removed,
-        r.traces_removed,
-        r.objects_punched,
+        count(r.objects_removed, "object"),
+        count(r.contents_removed, "content"),
+        count(r.chunks_removed, "chunk"),
+        count(r.traces_removed, "load trace"),
+        count(r.objects_punched, "object"),
         if r.objects_busy > 0 {
-            format!("; {} objects in use by readers left for the next gc", r.objects_busy)
+            format!(
+                "; {} in use by readers left for the next gc",
+                count(r.objects_busy, "object")
+            )
         } else {
             String::new()
         }
@@ -227,13 +236,13 @@ pub fn upgrade(dir: &Path, r: &UpgradeReport, as_json: bool) -> Result<()> {
         );
     } else {
         println!(
-            "upgraded store {} from schema {} to {}: {} contents re-keyed ({} read), {} load traces renamed",
+            "upgraded store {} from schema {} to {}: {} re-keyed ({} read), {} renamed",
             dir.display(),
             r.from_version,
             r.to_version,
-            r.contents,
+            count(r.contents, "content"),
             HumanBytes(r.bytes_read),
-            r.traces_renamed
+            count(r.traces_renamed, "load trace")
         );
     }
     Ok(())
@@ -295,12 +304,25 @@ pub fn verify(r: &VerifyReport, as_json: bool) -> Result<()> {
     }
     let status = if r.is_clean() { "ok" } else { "FAILED" };
     println!(
-        "verify {status}: {} models, {} files, {} distinct contents, {} checked; {} damaged files",
-        r.models_checked,
-        r.files_checked,
-        r.contents_checked,
+        "verify {status}: {}, {}, {}, {} checked; {}",
+        count(r.models_checked, "model"),
+        count(r.files_checked, "file"),
+        count(r.contents_checked, "distinct content"),
         HumanBytes(r.bytes_checked),
-        r.damaged.len()
+        count(r.damaged.len(), "damaged file")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn one_is_singular_everything_else_plural() {
+        assert_eq!(count(1u64, "file"), "1 file");
+        assert_eq!(count(0u64, "file"), "0 files");
+        assert_eq!(count(2u64, "model"), "2 models");
+        assert_eq!(count(1u64, "damaged file"), "1 damaged file");
+    }
 }

@@ -114,10 +114,10 @@ impl Hooks for Service {
         }
         let tree = vfs.tree();
         let status = format!(
-            "serving {} models, {} logical ({} files)",
-            tree.models,
+            "serving {}, {} logical ({})",
+            crate::output::count(tree.models, "model"),
             indicatif::HumanBytes(tree.logical_bytes),
-            tree.files.len()
+            crate::output::count(tree.files.len(), "file")
         );
         notify(&[
             sd_notify::NotifyState::Ready,

@@ -166,11 +166,15 @@ pub struct Layout {
 }
 
 /// Why a file that claims to be a model format could not be parsed.
+///
+/// A variant that wraps another error says it in its message and does not
+/// also return it from `source()`, so printing the chain (anyhow's `{:#}`)
+/// shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
     /// The source itself failed (not a format problem).
     #[error("I/O error while reading the model file: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
 
     /// A structure claims more bytes than the file has (truncated file or a
     /// hostile length field).
@@ -209,11 +213,11 @@ pub enum ParseError {
 
     /// The safetensors header is not the expected JSON.
     #[error("safetensors header is not valid: {0}")]
-    SafetensorsJson(#[source] serde_json::Error),
+    SafetensorsJson(serde_json::Error),
 
     /// The `torch.save` archive's zip structure is unreadable.
     #[error("torch checkpoint is not a readable zip archive: {0}")]
-    Zip(#[from] zip::result::ZipError),
+    Zip(zip::result::ZipError),
 
     /// Nesting exceeds what any real model uses; refusing protects the stack.
     #[error("{format} structures nested deeper than {limit} levels")]
@@ -248,6 +252,18 @@ pub enum ParseError {
         /// What is inconsistent, for the operator reading the error.
         reason: String,
     },
+}
+
+impl From<io::Error> for ParseError {
+    fn from(e: io::Error) -> ParseError {
+        ParseError::Io(e)
+    }
+}
+
+impl From<zip::result::ZipError> for ParseError {
+    fn from(e: zip::result::ZipError) -> ParseError {
+        ParseError::Zip(e)
+    }
 }
 
 impl ParseError {

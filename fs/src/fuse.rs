@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyPoll,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{info, warn};
 
@@ -24,6 +24,32 @@ use crate::vfs::{Attr, Vfs};
 /// Files never change once published, so the kernel may cache names and
 /// attributes for long; removals are pushed to it by invalidation.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// The longest name (one path component, in bytes) the mount accepts; what
+/// statfs reports as `f_namelen`.
+const NAME_MAX: usize = 255;
+
+/// ENAMETOOLONG for a component longer than [`NAME_MAX`]. The kernel passes
+/// FUSE names of up to 1024 bytes, so a longer name has to be refused here,
+/// and before any other check: POSIX (and pjdfstest) want ENAMETOOLONG, not
+/// the ENOENT or EROFS the name would otherwise get.
+fn check_name(name: &OsStr) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        Err(Errno::ENAMETOOLONG)
+    } else {
+        Ok(())
+    }
+}
+
+/// [`check_name`] for every name of a call, then `otherwise` (what a
+/// read-only mount answers a valid name).
+fn refuse(names: &[&OsStr], otherwise: Errno) -> Errno {
+    names
+        .iter()
+        .try_for_each(|n| check_name(n))
+        .err()
+        .unwrap_or(otherwise)
+}
 
 pub(crate) struct FuseFs {
     vfs: Arc<Vfs>,
@@ -101,6 +127,9 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Err(e) = check_name(name) {
+            return reply.error(e);
+        }
         match name.to_str().and_then(|n| self.vfs.lookup(parent.0, n)) {
             Some(a) => reply.entry(&TTL, &self.file_attr(&a), Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -250,7 +279,7 @@ impl Filesystem for FuseFs {
             Some((b, f)) => (b, f),
             None => (0, 0),
         };
-        reply.statfs(blocks, bfree, bfree, files, 0, 4096, 255, 4096);
+        reply.statfs(blocks, bfree, bfree, files, 0, 4096, NAME_MAX as u32, 4096);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -275,6 +304,23 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    // Files are always readable and never change: ENOSYS makes the kernel
+    // stop asking and answer every poll "ready" itself, which io_uring and
+    // event-loop readers then get without a daemon round trip (or the
+    // default implementation's warning per call).
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
         reply.error(Errno::ENOSYS);
     }
 
@@ -305,46 +351,46 @@ impl Filesystem for FuseFs {
         &self,
         _r: &Request,
         _p: INodeNo,
-        _n: &OsStr,
+        n: &OsStr,
         _m: u32,
         _u: u32,
         _d: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
-    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+    fn mkdir(&self, _r: &Request, _p: INodeNo, n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
-    fn unlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn unlink(&self, _r: &Request, _p: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
-    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn rmdir(&self, _r: &Request, _p: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
-    fn symlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+    fn symlink(&self, _r: &Request, _p: INodeNo, n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
     fn rename(
         &self,
         _r: &Request,
         _p: INodeNo,
-        _n: &OsStr,
+        n: &OsStr,
         _np: INodeNo,
-        _nn: &OsStr,
+        nn: &OsStr,
         _f: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(refuse(&[n, nn], Errno::EROFS));
     }
 
-    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
+    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, nn: &OsStr, reply: ReplyEntry) {
+        reply.error(refuse(&[nn], Errno::EROFS));
     }
 
     fn write(
@@ -366,13 +412,13 @@ impl Filesystem for FuseFs {
         &self,
         _r: &Request,
         _p: INodeNo,
-        _n: &OsStr,
+        n: &OsStr,
         _m: u32,
         _u: u32,
         _f: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(refuse(&[n], Errno::EROFS));
     }
 
     fn setxattr(
@@ -410,4 +456,30 @@ fn nix_statvfs(path: &Path) -> Option<(u64, u64)> {
     }
     let scale = s.f_frsize / 4096;
     Some((s.f_blocks * scale.max(1), s.f_bavail * scale.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_over_name_max_are_too_long_before_anything_else() {
+        let ok = OsStr::new("a").to_owned();
+        let max: std::ffi::OsString = "a".repeat(NAME_MAX).into();
+        let long: std::ffi::OsString = "a".repeat(NAME_MAX + 1).into();
+        assert_eq!(check_name(&max), Ok(()));
+        assert_eq!(check_name(&long), Err(Errno::ENAMETOOLONG));
+        assert_eq!(refuse(&[&max], Errno::EROFS), Errno::EROFS);
+        assert_eq!(refuse(&[&long], Errno::EROFS), Errno::ENAMETOOLONG);
+        // Either name of a rename.
+        assert_eq!(refuse(&[&ok, &long], Errno::EROFS), Errno::ENAMETOOLONG);
+        assert_eq!(refuse(&[&long, &ok], Errno::EROFS), Errno::ENAMETOOLONG);
+    }
+
+    #[test]
+    fn name_max_counts_bytes_not_characters() {
+        // 128 two-byte characters: 256 bytes.
+        let wide: std::ffi::OsString = "\u{e9}".repeat(128).into();
+        assert_eq!(check_name(&wide), Err(Errno::ENAMETOOLONG));
+    }
 }

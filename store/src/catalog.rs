@@ -159,7 +159,7 @@ impl Catalog {
         } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| Error::Catalog {
             path: path.to_path_buf(),
-            source: e,
+            cause: e,
         })?;
         let cat = Catalog {
             conn,
@@ -219,7 +219,7 @@ impl Catalog {
     pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
         Error::Catalog {
             path: self.path.clone(),
-            source: e,
+            cause: e,
         }
     }
 
@@ -275,7 +275,7 @@ impl Catalog {
             })
             .map_err(|e| match e {
                 Error::Catalog {
-                    source: rusqlite::Error::QueryReturnedNoRows,
+                    cause: rusqlite::Error::QueryReturnedNoRows,
                     ..
                 } => Error::ContentRemoved,
                 e => e,

@@ -4,26 +4,30 @@ use std::path::PathBuf;
 /// Every failure the store reports. Each variant names the thing it failed on,
 /// because a message like "No such file or directory" without a path is useless
 /// to someone importing a tree of hundreds of files.
+///
+/// A variant that wraps a lower-level error says it in its message and does
+/// not also return it from `source()`: a chain printer (anyhow's `{:#}`, the
+/// CLI's error line) would otherwise print the cause twice, and the many
+/// places that log an error with `{e}` would lose it if only `source()` had
+/// it. Callers that need the cause match the variant's `cause` field.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call on a file or directory failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory it failed on (`<output>` for the writer a
         /// file was being copied to).
         path: PathBuf,
         /// What the system call reported.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// SQLite failed on the catalog.
-    #[error("catalog {path}: {source}")]
+    #[error("catalog {path}: {cause}")]
     Catalog {
         /// Path of the catalog database.
         path: PathBuf,
         /// What SQLite reported.
-        #[source]
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// A model name breaks the naming rules (see [`crate::validate_model_name`]).
     #[error("invalid model name {name:?}: {reason}")]
@@ -147,6 +151,32 @@ alone)",
     }
 }
 
+impl Error {
+    /// The path this error was refused access to, when the failure is about
+    /// permissions rather than content: a system call that got EACCES, EPERM
+    /// or EROFS, or SQLite refusing to write the catalog (which it reports
+    /// for a catalog or store directory the user cannot write). The CLI turns
+    /// these into advice on which store to use and as whom.
+    pub fn denied_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::Io { path, cause } => matches!(
+                cause.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+            )
+            .then_some(path.as_path()),
+            Error::Catalog {
+                path,
+                cause: rusqlite::Error::SqliteFailure(e, _),
+            } => matches!(
+                e.code,
+                rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied
+            )
+            .then_some(path.as_path()),
+            _ => None,
+        }
+    }
+}
+
 fn namespace_models(count: usize, example: &str) -> String {
     match count {
         1 => format!("1 model ({example:?})"),
@@ -169,9 +199,79 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             path: path.into(),
-            source,
+            cause,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What anyhow's `{:#}` prints: every message of the `source()` chain.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            next = s.source();
+        }
+        out
+    }
+
+    fn os(errno: i32) -> io::Error {
+        io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn a_wrapped_cause_is_printed_once() {
+        let e = Error::Io {
+            path: "/store/objects".into(),
+            cause: os(libc::EPERM),
+        };
+        let text = chain(&e);
+        assert_eq!(text.matches("Operation not permitted").count(), 1, "{text}");
+        assert!(text.starts_with("/store/objects: "), "{text}");
+
+        let e = Error::Catalog {
+            path: "/store/catalog.db".into(),
+            cause: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+                Some("attempt to write a readonly database".into()),
+            ),
+        };
+        let text = chain(&e);
+        assert_eq!(text.matches("readonly database").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn permission_failures_name_the_path_they_were_denied() {
+        for errno in [libc::EACCES, libc::EPERM, libc::EROFS] {
+            let e = Error::Io {
+                path: "/s/lock".into(),
+                cause: os(errno),
+            };
+            assert_eq!(e.denied_path(), Some(std::path::Path::new("/s/lock")));
+        }
+        let e = Error::Io {
+            path: "/s/lock".into(),
+            cause: os(libc::ENOSPC),
+        };
+        assert_eq!(e.denied_path(), None);
+        let readonly = Error::Catalog {
+            path: "/s/catalog.db".into(),
+            cause: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY_DIRECTORY),
+                None,
+            ),
+        };
+        assert_eq!(
+            readonly.denied_path(),
+            Some(std::path::Path::new("/s/catalog.db"))
+        );
+        assert_eq!(Error::NoSuchModel("m".into()).denied_path(), None);
     }
 }

@@ -274,6 +274,27 @@ impl Store {
                 };
             }
         }
+        if let Some(m) = self.catalog.model(trimmed)? {
+            // A model named alone: say so, with one of its files to copy.
+            let entries = self.catalog.entries(m.id)?;
+            let files: Vec<&str> = entries
+                .iter()
+                .filter(|e| e.content.is_some())
+                .map(|e| e.path.as_str())
+                .collect();
+            let example = files
+                .iter()
+                .find(|p| **p == "config.json")
+                .or(files.first())
+                .map_or_else(|| "config.json".to_string(), |p| p.to_string());
+            return Err(Error::InvalidInput {
+                path: trimmed.into(),
+                reason: format!(
+                    "is a model, not a file: name one of its files, e.g. {trimmed}/{example} \
+                     (`modelfs ls {trimmed}` lists them)"
+                ),
+            });
+        }
         Err(Error::InvalidInput {
             path: name_and_path.into(),
             reason: "no model name is a prefix of this path (expected MODEL/PATH)".into(),

@@ -37,12 +37,12 @@ impl MappedObject {
             io::ErrorKind::NotFound => Error::ObjectMissing { path: path.clone() },
             _ => Error::Io {
                 path: path.clone(),
-                source: e,
+                cause: e,
             },
         })?;
-        locks::share_object(&file).map_err(|source| Error::Io {
+        locks::share_object(&file).map_err(|cause| Error::Io {
             path: path.clone(),
-            source,
+            cause,
         })?;
         // SAFETY: an object's bytes are never rewritten once committed, and
         // holes are punched only in objects no reader holds the shared lock
@@ -50,9 +50,9 @@ impl MappedObject {
         // truncated by outside damage is bounded by `len()` taken here, but
         // pages lost after this point would fault (SIGBUS): the same risk
         // every reader of a mapped file takes.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+        let map = unsafe { Mmap::map(&file) }.map_err(|cause| Error::Io {
             path: path.clone(),
-            source,
+            cause,
         })?;
         Ok(MappedObject {
             id,

@@ -45,7 +45,7 @@ impl Store {
     pub fn upgrade(root: &Path, on_wait: impl FnOnce()) -> Result<UpgradeReport> {
         let root = std::path::absolute(root).map_err(|e| Error::Io {
             path: root.to_path_buf(),
-            source: e,
+            cause: e,
         })?;
         let cat_path = root.join(CATALOG_FILE);
         if !cat_path.is_file() {
@@ -120,7 +120,7 @@ impl Store {
                 let mut buf = vec![0u8; len as usize];
                 std::fs::File::open(&path)
                     .and_then(|f| f.read_exact_at(&mut buf, offset as u64))
-                    .map_err(|e| Error::Io { path, source: e })?;
+                    .map_err(|e| Error::Io { path, cause: e })?;
                 Ok((hash, fingerprint(&buf) as i64))
             })
             .collect::<Result<_>>()?;

@@ -304,3 +304,23 @@ fn a_namespace_is_removed_only_recursively() {
     store.gc().unwrap();
     assert!(store.verify(None).unwrap().is_clean());
 }
+
+#[test]
+fn resolving_a_model_name_alone_says_to_name_one_of_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(
+        &tmp.path().join("m"),
+        &[("a.bin", b"a"), ("config.json", b"{}")],
+    );
+    let mut store = Store::init(&tmp.path().join("store")).unwrap();
+    import(&mut store, &tmp.path().join("m"), "org/m", false);
+    for asked in ["org/m", "org/m/"] {
+        let err = store.resolve(asked).unwrap_err().to_string();
+        assert!(err.contains("org/m: is a model, not a file"), "{err}");
+        assert!(err.contains("e.g. org/m/config.json"), "{err}");
+        assert!(err.contains("`modelfs ls org/m`"), "{err}");
+    }
+    // A name that is no model keeps the general message.
+    let err = store.resolve("org").unwrap_err().to_string();
+    assert!(err.contains("no model name is a prefix"), "{err}");
+}

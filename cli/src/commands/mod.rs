@@ -8,6 +8,7 @@
 //! the configuration file and the store directory.
 
 pub mod exec;
+mod hint;
 pub mod import;
 pub mod locate;
 pub mod mount;
@@ -15,7 +16,7 @@ pub mod stats;
 pub mod store_cmds;
 pub mod warm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -24,18 +25,33 @@ use modelfs_store::default_store_dir;
 use crate::args::{Cli, Command, ConfigCommand};
 use crate::{config, install, output};
 
-/// Run the command; its exit code, or the error to report.
-pub fn run(cli: Cli) -> Result<ExitCode> {
+/// A command that failed: the error, and what to do about it when the
+/// error alone does not say (a store the user may not write, say).
+pub struct Failure {
+    /// What went wrong, with its causes.
+    pub error: anyhow::Error,
+    /// Advice, for the line after the error.
+    pub hint: Option<String>,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure { error, hint: None }
+    }
+}
+
+/// Run the command; its exit code, or the failure to report.
+pub fn run(cli: Cli) -> Result<ExitCode, Failure> {
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         let path = file
             .clone()
             .or_else(|| cli.config.clone())
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
-        return config_check(path);
+        return Ok(config_check(path)?);
     }
     // Needs neither the store nor the configuration.
     if let Command::Exec { print_env, command } = &cli.command {
-        return exec::exec(command, *print_env);
+        return Ok(exec::exec(command, *print_env)?);
     }
     let (config_path, file_cfg) = config::FileConfig::discover(cli.config.as_deref())?;
     let dir = cli
@@ -43,8 +59,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         .clone()
         .or_else(|| file_cfg.store.clone())
         .unwrap_or_else(default_store_dir);
+    run_with_store(cli.command, &dir, config_path, &file_cfg).map_err(|error| Failure {
+        hint: hint::store_access(&error, &dir),
+        error,
+    })
+}
+
+/// The commands that work on (or may create) the store at `dir`.
+fn run_with_store(
+    command: Command,
+    dir: &Path,
+    config_path: Option<PathBuf>,
+    file_cfg: &config::FileConfig,
+) -> Result<ExitCode> {
+    let dir = dir.to_path_buf();
     let configured_mountpoint = || file_cfg.mountpoint.clone();
-    match cli.command {
+    match command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Install(args) => install::run(&args)?,
         Command::Exec { .. } => unreachable!("handled above"),
@@ -112,7 +142,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { name, json } => return store_cmds::verify(&dir, name.as_deref(), json),
         Command::Upgrade { json } => store_cmds::upgrade(&dir, json)?,
         Command::Cat { file } => store_cmds::cat(&dir, &file)?,
-        Command::Mount(args) => return mount::mount(dir, args, config_path, &file_cfg),
+        Command::Mount(args) => return mount::mount(dir, args, config_path, file_cfg),
         Command::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy)?,
         Command::Du { json } => store_cmds::du(&dir, json)?,
     }

@@ -238,17 +238,99 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
     if lazy {
         return Ok(modelfs_fs::lazy_unmount(mountpoint)?);
     }
-    let status = std::process::Command::new("fusermount3")
+    // fusermount3's own message is for its own command line ("failed to
+    // unmount: Device or resource busy"); the user ran ours, so it is
+    // captured and said again in our terms.
+    let out = std::process::Command::new("fusermount3")
         .arg("-u")
         .arg("--")
         .arg(mountpoint)
-        .status()
+        .stdin(std::process::Stdio::null())
+        .output()
         .context("running fusermount3 (install the fuse3 package)")?;
-    if !status.success() {
-        bail!(
-            "{}: unmount failed (busy? files still open; --lazy detaches now and finishes when they close)",
-            mountpoint.display()
-        );
+    if out.status.success() {
+        return Ok(());
     }
-    Ok(())
+    let said = String::from_utf8_lossy(&out.stderr);
+    let users = processes_using(mountpoint);
+    if said.contains("busy") || users > 0 {
+        bail!("{}", busy_message(mountpoint, users));
+    }
+    let said = said.trim().replace('\n', "; ");
+    bail!("{}: unmount failed: {said}", mountpoint.display());
+}
+
+/// The one line a busy unmount ends with.
+fn busy_message(mountpoint: &Path, processes: usize) -> String {
+    let m = mountpoint.display();
+    let who = match processes {
+        0 => "files are still in use".to_string(),
+        1 => "1 process has files open".to_string(),
+        n => format!("{n} processes have files open"),
+    };
+    format!("{m} is busy: {who} (fuser -vm {m} lists them); close them or use --lazy")
+}
+
+/// How many processes hold something under `mountpoint` open: a file
+/// descriptor, their working or root directory, or a mapping. Processes we
+/// may not inspect are not counted.
+fn processes_using(mountpoint: &Path) -> usize {
+    let Ok(mp) = mountpoint.canonicalize() else {
+        return 0;
+    };
+    let under = |p: &Path| p.starts_with(&mp);
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|e| {
+            let dir = e.path();
+            let link_under = |p: std::path::PathBuf| std::fs::read_link(p).is_ok_and(|t| under(&t));
+            if link_under(dir.join("cwd")) || link_under(dir.join("root")) {
+                return true;
+            }
+            let fds = std::fs::read_dir(dir.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| link_under(fd.path()));
+            fds || std::fs::read_to_string(dir.join("maps")).is_ok_and(|maps| {
+                maps.lines()
+                    .filter_map(|l| l.split_whitespace().nth(5))
+                    .any(|p| under(Path::new(p)))
+            })
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_mount_is_one_line_that_says_what_to_do() {
+        let m = busy_message(Path::new("/models"), 2);
+        assert_eq!(
+            m,
+            "/models is busy: 2 processes have files open (fuser -vm /models lists them); \
+             close them or use --lazy"
+        );
+        assert!(busy_message(Path::new("/m"), 1).contains("1 process has files open"));
+    }
+
+    #[test]
+    fn processes_with_a_file_open_under_a_directory_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        assert_eq!(processes_using(dir.path()), 0);
+        let _open = std::fs::File::create(dir.path().join("f")).unwrap();
+        assert_eq!(processes_using(dir.path()), 1, "this test process");
+        assert_eq!(processes_using(other.path()), 0);
+    }
 }

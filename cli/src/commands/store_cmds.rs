@@ -80,8 +80,8 @@ pub fn cat(dir: &Path, file: &str) -> Result<()> {
     let stdout = io::stdout();
     let mut out = stdout.lock();
     reader.copy_to(&mut out).map_err(|e| match e {
-        modelfs_store::Error::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe => {
-            anyhow::Error::new(source)
+        modelfs_store::Error::Io { cause, .. } if cause.kind() == io::ErrorKind::BrokenPipe => {
+            anyhow::Error::new(cause)
         }
         e => anyhow::Error::new(e).context(format!("{}/{}", model.name, info.path)),
     })?;

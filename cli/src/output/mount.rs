@@ -12,22 +12,23 @@ use indicatif::HumanBytes;
 use modelfs_fs::MountStats;
 use modelfs_store::Usage;
 
-use super::json;
+use super::{count, json};
 
-/// `modelfs mount --daemon`: the child reported ready.
+/// `modelfs mount --daemon`: the child reported ready. The mount command
+/// keeps SIGPIPE ignored (see main), so a caller that closed our stdout gets
+/// nothing rather than a panic; the mount is up either way.
 pub fn daemon_mounted(mountpoint: &Path, pid: u32, served: Option<&modelfs_fs::MountStats>) {
-    match served {
-        Some(s) => {
-            let n = s.models.len();
-            println!(
-                "mounted {} at {}: {n} model{} (daemon pid {pid})",
-                s.store.display(),
-                mountpoint.display(),
-                if n == 1 { "" } else { "s" }
-            );
-        }
-        None => println!("mounted {} (daemon pid {pid})", mountpoint.display()),
-    }
+    use std::io::Write;
+    let line = match served {
+        Some(s) => format!(
+            "mounted {} at {}: {} (daemon pid {pid})",
+            s.store.display(),
+            mountpoint.display(),
+            count(s.models.len(), "model")
+        ),
+        None => format!("mounted {} (daemon pid {pid})", mountpoint.display()),
+    };
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// What `modelfs warm` read.
@@ -55,9 +56,9 @@ pub fn warm(w: &Warmed, as_json: bool) -> Result<()> {
         None => "from the store (no mount: page cache only, nothing pinned)".into(),
     };
     println!(
-        "warmed {}: {} files ({} in recorded load order), {} in {:.2} s {via}",
+        "warmed {}: {} ({} in recorded load order), {} in {:.2} s {via}",
         w.model,
-        w.files,
+        count(w.files, "file"),
         w.files_in_trace_order,
         HumanBytes(w.bytes),
         w.seconds
@@ -87,17 +88,17 @@ pub fn mount_stats(mountpoint: &Path, s: &MountStats, as_json: bool) -> Result<(
         s.uptime_seconds
     );
     println!(
-        "copy-mode reads: {} in {} requests, {:.1}% from memory ({}), {} from disk; {} EIO",
+        "copy-mode reads: {} in {}, {:.1}% from memory ({}), {} from disk; {} EIO",
         b(s.read_bytes),
-        s.read_requests,
+        count(s.read_requests, "request"),
         share(s.read_resident_bytes, s.read_bytes),
         b(s.read_resident_bytes),
         b(s.read_disk_bytes),
         s.eio
     );
     println!(
-        "passthrough: {} opens ({} of files; the kernel reads them without the daemon)",
-        s.passthrough_opens,
+        "passthrough: {} ({} of files; the kernel reads them without the daemon)",
+        count(s.passthrough_opens, "open"),
         b(s.passthrough_opened_bytes)
     );
     println!(
@@ -116,11 +117,11 @@ pub fn mount_stats(mountpoint: &Path, s: &MountStats, as_json: bool) -> Result<(
         s.trace_errors
     );
     println!(
-        "sharing: {} layouts answered covering {}; {} chunks left out (failed check), {} requests refused",
-        s.layouts,
+        "sharing: {} answered covering {}; {} left out (failed check), {} refused",
+        count(s.layouts, "layout"),
         b(s.layout_bytes),
-        s.layout_gaps,
-        s.layout_refusals
+        count(s.layout_gaps, "chunk"),
+        count(s.layout_refusals, "request")
     );
     let width = super::column_width("MODEL", s.models.iter().map(|m| m.name.as_str()));
     println!(
@@ -173,11 +174,11 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
     }
     match (stats, mountpoint) {
         (Some(s), Some(m)) => println!(
-            "mounted at {} ({} mode), up {:.0} s; {} read requests, {} EIO",
+            "mounted at {} ({} mode), up {:.0} s; {}, {} EIO",
             m.display(),
             s.mode.as_str(),
             s.uptime_seconds,
-            s.read_requests,
+            count(s.read_requests, "read request"),
             s.eio
         ),
         (None, Some(m)) => println!("not mounted at {}", m.display()),
@@ -186,9 +187,9 @@ pub fn status(st: &Status, as_json: bool) -> Result<()> {
     }
     match usage {
         Some(u) => println!(
-            "store {}: {} models, {} logical, {} stored; pinned {}",
+            "store {}: {}, {} logical, {} stored; pinned {}",
             store.display(),
-            u.models.len(),
+            count(u.models.len(), "model"),
             HumanBytes(u.logical_bytes),
             HumanBytes(u.stored_bytes),
             HumanBytes(stats.as_ref().map_or(0, |s| s.pinned_bytes))
