@@ -1003,3 +1003,20 @@ def test_copy_mode_does_not_keep_object_pages_twice(fam, modelfs_bin, tmp_path_f
                 assert in_obj >= 0.95 * pinned - 8 * PAGE * 20, (in_obj, pinned)
         finally:
             m.cleanup()
+
+
+def test_pages_left_to_the_file_read_no_more_than_they_fault(workers, fam, fmount):
+    """A composed mapping's own file pages (the header, run edges) fault without the
+    mount's megabytes of read-around: the FUSE file's page cache stays near empty while
+    every byte of the mapping is read."""
+    path = mounted(fmount, fam, "ft-head")
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    w = workers()
+    w.call("map", id="q", path=path)
+    w.call("touch", id="q")
+    assert w.call("compare", id="q", ref=str(fam.orig("ft-head")))["bad_page"] is None
+    in_fuse = _resident(path)
+    size = os.path.getsize(path)
+    print(f"FUSE page cache of {path} after reading all of a composed mapping: {in_fuse}")
+    assert in_fuse <= 64 * PAGE, \
+        f"{in_fuse} bytes of the mount file are cached although objects back all but its edges"

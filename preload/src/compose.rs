@@ -176,6 +176,7 @@ fn compose(
         }
         shared_bytes += p.len;
     }
+    quiet_gaps(base, len, &pieces);
     // SAFETY: dup of the caller's descriptor; the table owns the copy.
     let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if dup >= 0
@@ -201,6 +202,36 @@ fn compose(
     // The objects' descriptors close here; the mappings keep the files
     // (and the store's shared lock on them) for as long as they exist.
     Some(base)
+}
+
+/// Gaps up to this size get no readahead (see [`quiet_gaps`]); larger ones
+/// are read like any mapping, where readahead pays.
+const QUIET_GAP_MAX: u64 = 2 << 20;
+
+/// Pages left mapped from the file (the header, pages at run edges) would
+/// each fault in the kernel's whole mmap read-around of the mount file
+/// (megabytes with the mount's readahead), filling the FUSE file's page
+/// cache with copies of bytes this mapping takes from the objects. Small
+/// gaps are told to read only what they fault.
+fn quiet_gaps(base: *mut c_void, len: size_t, pieces: &[Piece]) {
+    let mut spans: Vec<(u64, u64)> = pieces.iter().map(|p| (p.map_offset, p.len)).collect();
+    spans.sort_unstable();
+    let mut at = 0u64;
+    let end = (len as u64).div_ceil(4096) * 4096;
+    for (offset, piece_len) in spans.into_iter().chain(std::iter::once((end, 0))) {
+        if offset > at && offset - at <= QUIET_GAP_MAX {
+            // SAFETY: a page-aligned range inside the mapping just made; the
+            // advice changes only readahead, never contents.
+            unsafe {
+                libc::madvise(
+                    (base as usize + at as usize) as *mut c_void,
+                    (offset - at) as size_t,
+                    libc::MADV_RANDOM,
+                )
+            };
+        }
+        at = at.max(offset + piece_len);
+    }
 }
 
 /// Replace one piece of the file mapping by the object's pages. If the
