@@ -1261,3 +1261,24 @@ def test_mount_helper_help_exits_0(modelfs_bin, tmp_path, flag):
         assert cp.returncode == 0, f"{argv}: exit {cp.returncode}, stderr {cp.stderr!r}"
         assert cp.stdout.startswith("usage: mount.fuse.modelfs STORE MOUNTPOINT"), cp.stdout
         assert cp.stderr == "", cp.stderr
+
+
+def test_du_matrix_shows_which_models_share_bytes(mfs, family):
+    keys = ["base", "base-copy", "ft-head", "gguf-model"]
+    for k in keys:
+        mfs.import_(family.path(k), "--name", k, ok=True)
+    m = mfs.json("du", "--matrix")
+    assert m["models"] == sorted(keys), m
+    idx = {n: i for i, n in enumerate(m["models"])}
+    b = m["shared_bytes"]
+    du = {x["name"]: x for x in mfs.du()["models"]}
+    for n, i in idx.items():
+        assert b[i][i] == du[n]["unique_bytes"] + du[n]["shared_bytes"], (n, b[i][i], du[n])
+        for j in range(len(keys)):
+            assert b[i][j] == b[j][i] and b[i][j] <= min(b[i][i], b[j][j])
+    base, copy, ft, gguf = (idx[k] for k in keys)
+    assert b[base][copy] == b[base][base], "a byte-identical copy shares everything"
+    assert 0.5 * b[base][base] < b[base][ft] < b[base][base], "a fine-tune shares most of its base"
+    assert b[gguf][base] == 0, "an unrelated GGUF model shares nothing with the base"
+    text = mfs.run("du", "--matrix", ok=True).stdout
+    assert all(k in text for k in keys) and "#4" in text, text

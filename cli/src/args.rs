@@ -230,7 +230,13 @@ modelfs exec -- llama-server -m /models/qwen/q4.gguf\n  modelfs exec --print-env
         command: Vec<OsString>,
     },
     /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
+    #[command(
+        after_help = "Examples:\n  modelfs du\n  modelfs du --matrix          # which models share bytes (place them on one node)\n  modelfs du --matrix --json"
+    )]
     Du {
+        /// For every pair of models, the bytes they share
+        #[arg(long)]
+        matrix: bool,
         /// Print JSON
         #[arg(long)]
         json: bool,

@@ -248,6 +248,66 @@ pub fn upgrade(dir: &Path, r: &UpgradeReport, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `modelfs du --matrix`: bytes every pair of models shares. Columns are
+/// numbered (names would make the table as wide as the longest name times
+/// the number of models); each row says its number and name.
+pub fn sharing_matrix(m: &modelfs_store::SharingMatrix, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(m);
+    }
+    if m.models.is_empty() {
+        println!("no models");
+        return Ok(());
+    }
+    let width = column_width("MODEL", m.models.iter().map(String::as_str));
+    let num = m.models.len().to_string().len();
+    let cells: Vec<Vec<String>> = m
+        .shared_bytes
+        .iter()
+        .map(|row| row.iter().map(|&b| short_bytes(b)).collect())
+        .collect();
+    let cell = cells
+        .iter()
+        .flatten()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .max(num + 1);
+    print!("{:num$}  {:width$}", "", "MODEL");
+    for j in 0..m.models.len() {
+        print!("  {:>cell$}", format!("#{}", j + 1));
+    }
+    println!();
+    for (i, name) in m.models.iter().enumerate() {
+        print!("{:>num$}  {name:width$}", i + 1);
+        for c in &cells[i] {
+            print!("  {c:>cell$}");
+        }
+        println!();
+    }
+    println!("(bytes both models reference; the diagonal is each model's own stored bytes)");
+    Ok(())
+}
+
+/// Bytes in at most 6 characters ("512B", "3.2G"): matrix cells.
+fn short_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    if b == 0 {
+        return "-".into();
+    }
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 || v >= 100.0 {
+        format!("{v:.0}{}", UNITS[u])
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
 /// `modelfs du`: totals, then one line per model.
 pub fn usage(u: &Usage, as_json: bool) -> Result<()> {
     if as_json {

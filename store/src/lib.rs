@@ -50,7 +50,7 @@ pub use read::{whole_object_matches, FileReader};
 pub use recipe::Segment;
 pub use trace::{LoadTrace, TraceRecorder, TRACES_DIR};
 pub use upgrade::UpgradeReport;
-pub use usage::{ModelUsage, Usage};
+pub use usage::{ModelUsage, SharingMatrix, Usage};
 pub use verify::{Damage, VerifyReport};
 
 use error::IoContext;

@@ -22,6 +22,16 @@ pub struct ModelUsage {
     pub shared_bytes: u64,
 }
 
+/// Bytes every pair of models shares ([`Store::sharing_matrix`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SharingMatrix {
+    /// Model names, ordered by name; the matrix's rows and columns.
+    pub models: Vec<String>,
+    /// `shared_bytes[i][j]`: bytes of distinct chunks models i and j both
+    /// reference; `shared_bytes[i][i]`: model i's distinct chunk bytes.
+    pub shared_bytes: Vec<Vec<u64>>,
+}
+
 /// Disk use of the whole store and what deduplication saves (`du`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Usage {
@@ -46,23 +56,7 @@ impl Store {
     /// and the disk space of objects and catalog.
     pub fn usage(&self) -> Result<Usage> {
         let models = self.models()?;
-        let mut users_of_content: HashMap<ContentId, HashSet<i64>> = HashMap::new();
-        for (model, content) in self.catalog().file_references()? {
-            users_of_content.entry(content).or_default().insert(model);
-        }
-        // For each chunk: its length and the models that reference it.
-        let mut chunk_models: HashMap<ChunkHash, (u32, HashSet<i64>)> = HashMap::new();
-        for c in self.catalog().all_contents()? {
-            let Some(users) = users_of_content.get(&c.id) else {
-                continue;
-            };
-            for s in &c.segments {
-                let e = chunk_models
-                    .entry(s.hash)
-                    .or_insert_with(|| (s.len, HashSet::new()));
-                e.1.extend(users.iter().copied());
-            }
-        }
+        let chunk_models = self.chunk_users()?;
         let mut unique: HashMap<i64, u64> = HashMap::new();
         let mut shared: HashMap<i64, u64> = HashMap::new();
         let mut chunk_bytes = 0u64;
@@ -119,6 +113,58 @@ impl Store {
                     shared_bytes: shared.get(&m.id).copied().unwrap_or(0),
                 })
                 .collect(),
+        })
+    }
+
+    /// For each distinct chunk a model references: its length and the
+    /// models (by id) that reference it.
+    fn chunk_users(&self) -> Result<HashMap<ChunkHash, (u32, HashSet<i64>)>> {
+        let mut users_of_content: HashMap<ContentId, HashSet<i64>> = HashMap::new();
+        for (model, content) in self.catalog().file_references()? {
+            users_of_content.entry(content).or_default().insert(model);
+        }
+        let mut chunk_models: HashMap<ChunkHash, (u32, HashSet<i64>)> = HashMap::new();
+        for c in self.catalog().all_contents()? {
+            let Some(users) = users_of_content.get(&c.id) else {
+                continue;
+            };
+            for s in &c.segments {
+                let e = chunk_models
+                    .entry(s.hash)
+                    .or_insert_with(|| (s.len, HashSet::new()));
+                e.1.extend(users.iter().copied());
+            }
+        }
+        Ok(chunk_models)
+    }
+
+    /// For every pair of models, the bytes of distinct chunks both reference
+    /// (`du --matrix`): which models belong together, and would share memory
+    /// on one node. The diagonal is each model's distinct chunk bytes.
+    pub fn sharing_matrix(&self) -> Result<SharingMatrix> {
+        let models = self.models()?;
+        let index: HashMap<i64, usize> =
+            models.iter().enumerate().map(|(i, m)| (m.id, i)).collect();
+        // Chunks grouped by the set of models using them: few distinct sets,
+        // however many chunks, so the pairs are added per set.
+        let mut by_users: HashMap<Vec<usize>, u64> = HashMap::new();
+        for (len, users) in self.chunk_users()?.into_values() {
+            let mut set: Vec<usize> = users.iter().filter_map(|u| index.get(u).copied()).collect();
+            set.sort_unstable();
+            *by_users.entry(set).or_default() += u64::from(len);
+        }
+        let n = models.len();
+        let mut shared_bytes = vec![vec![0u64; n]; n];
+        for (set, bytes) in by_users {
+            for &a in &set {
+                for &b in &set {
+                    shared_bytes[a][b] += bytes;
+                }
+            }
+        }
+        Ok(SharingMatrix {
+            models: models.into_iter().map(|m| m.name).collect(),
+            shared_bytes,
         })
     }
 

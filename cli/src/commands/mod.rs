@@ -144,7 +144,7 @@ fn run_with_store(
         Command::Cat { file } => store_cmds::cat(&dir, &file)?,
         Command::Mount(args) => return mount::mount(dir, args, config_path, file_cfg),
         Command::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy)?,
-        Command::Du { json } => store_cmds::du(&dir, json)?,
+        Command::Du { matrix, json } => store_cmds::du(&dir, matrix, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,8 +32,11 @@ pub fn ls(dir: &Path, name: Option<&str>, json: bool) -> Result<()> {
 }
 
 /// `modelfs du`: logical vs stored bytes, per model.
-pub fn du(dir: &Path, json: bool) -> Result<()> {
+pub fn du(dir: &Path, matrix: bool, json: bool) -> Result<()> {
     let store = Store::open(dir)?;
+    if matrix {
+        return output::sharing_matrix(&store.sharing_matrix()?, json);
+    }
     output::usage(&store.usage()?, json)
 }
 
