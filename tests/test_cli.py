@@ -1282,3 +1282,94 @@ def test_du_matrix_shows_which_models_share_bytes(mfs, family):
     assert b[gguf][base] == 0, "an unrelated GGUF model shares nothing with the base"
     text = mfs.run("du", "--matrix", ok=True).stdout
     assert all(k in text for k in keys) and "#4" in text, text
+
+
+# ------------------------------------------------------------------------------------------
+# mv, du MODEL, examples in every command's --help
+
+def _subcommands(modelfs_bin) -> list[str]:
+    r = subprocess.run([str(modelfs_bin), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cmds, in_list = [], False
+    for line in r.stdout.splitlines():
+        if line.strip() == "Commands:":
+            in_list = True
+        elif in_list and not line.strip():
+            break
+        elif in_list:
+            cmds.append(line.split()[0])
+    return [c for c in cmds if c != "help"]
+
+
+def test_every_command_help_has_examples(modelfs_bin):
+    cmds = _subcommands(modelfs_bin)
+    assert {"mv", "du", "rm", "mount", "config"} <= set(cmds), cmds
+    missing = []
+    for cmd in cmds + ["config check"]:
+        r = subprocess.run([str(modelfs_bin), *cmd.split(), "--help"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, f"`modelfs {cmd} --help` exited {r.returncode}: {r.stderr}"
+        # import's definition is another change's; it is held to this once it has examples
+        if cmd == "import" and "Examples:" not in r.stdout:
+            continue
+        if "Examples:\n  " not in r.stdout:
+            missing.append(cmd)
+        for line in r.stdout.split("Examples:\n", 1)[-1].splitlines():
+            if line.strip():
+                words = line.split()
+                assert "modelfs" in words[:2], f"`modelfs {cmd} --help` example {line!r}"
+    assert not missing, f"no Examples: section in --help of {missing}"
+
+
+def test_mv_renames_in_catalog_only(mfs, family):
+    mfs.import_(family.path("base"), "--name", "org/a", ok=True)
+    mfs.import_(family.path("gguf-model"), "--name", "other", ok=True)
+    before = {x["name"]: x for x in mfs.du()["models"]}["org/a"]
+    objects = sorted(p.name for p in (mfs.store / "objects").rglob("*") if p.is_file())
+    out = mfs.json("mv", "org/a", "org2/a")
+    assert out["old"] == "org/a" and out["new"] == "org2/a", out
+    assert out["files"] == before["files"] and out["logical_bytes"] == before["logical_bytes"], out
+    assert sorted(mfs.ls_models()) == ["org2/a", "other"]
+    assert sorted(p.name for p in (mfs.store / "objects").rglob("*") if p.is_file()) == objects
+    src = family.path("base")
+    for rel in modelfamily.list_files(src):
+        assert mfs.cat(f"org2/a/{rel}") == (src / rel).read_bytes()
+    r = mfs.run("mv", "org2/a", "plain", ok=True)
+    assert "renamed org2/a to plain" in r.stdout, r.stdout
+    assert sorted(mfs.ls_models()) == ["other", "plain"]
+
+
+@pytest.mark.parametrize("old,new,says", [
+    ("nope", "x", 'no model named "nope"'),
+    ("plain", "other", 'model "other" already exists'),
+    ("plain", "other/sub", 'would nest with model "other"'),
+    ("plain", "a/../b", 'invalid model name "a/../b"'),
+    ("plain", ".modelfs/x", "reserved"),
+])
+def test_mv_refuses_clearly(mfs, family, old, new, says):
+    mfs.import_(family.path("gguf-model"), "--name", "plain", ok=True)
+    mfs.import_(family.path("onnx-model"), "--name", "other", ok=True)
+    r = mfs.run("mv", old, new, ok=False)
+    assert says in r.stderr, r.stderr
+    assert sorted(mfs.ls_models()) == ["other", "plain"]
+
+
+def test_du_model_lists_who_it_shares_with(mfs, family):
+    keys = ["base", "base-copy", "ft-head", "gguf-model"]
+    for k in keys:
+        mfs.import_(family.path(k), "--name", k, ok=True)
+    m = mfs.json("du", "--matrix")
+    b, idx = m["shared_bytes"], {n: i for i, n in enumerate(m["models"])}
+    one = mfs.json("du", "base")
+    du = {x["name"]: x for x in mfs.du()["models"]}["base"]
+    for k in ("name", "files", "logical_bytes", "unique_bytes", "shared_bytes"):
+        assert one[k] == du[k], (k, one, du)
+    got = [(s["name"], s["shared_bytes"]) for s in one["shares_with"]]
+    want = sorted(((n, b[idx["base"]][idx[n]]) for n in keys
+                   if n != "base" and b[idx["base"]][idx[n]] > 0), key=lambda x: (-x[1], x[0]))
+    assert got == want, (got, want)
+    assert [n for n, _ in got] == ["base-copy", "ft-head"], got
+    text = mfs.run("du", "base", ok=True).stdout
+    assert "base-copy" in text and "ft-head" in text and "gguf-model" not in text, text
+    r = mfs.run("du", "no-such", ok=False)
+    assert 'no model named "no-such"' in r.stderr, r.stderr

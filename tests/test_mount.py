@@ -1089,3 +1089,29 @@ def test_umount_of_a_busy_mount_says_why_in_one_line(new_store, mount_factory, t
     finally:
         os.close(fd)
     m.umount()
+
+
+def test_mv_while_mounted_shows_new_name(new_store, family, mount_factory, mode):
+    mfs = new_store()
+    mfs.import_(family.path("gguf-model"), ok=True)
+    mfs.import_(family.path("onnx-model"), "--name", "org/onnx", ok=True)
+    m = mount_factory(mfs, "--passthrough", mode)
+    mp = m.mountpoint
+    want = (family.path("onnx-model") / "model.onnx").read_bytes()
+    assert (mp / "org/onnx/model.onnx").read_bytes() == want
+    # look the new name up first: a cached negative entry must not hide it
+    assert not (mp / "org2").exists()
+    mfs.run("mv", "org/onnx", "org2/onnx", ok=True)
+
+    def moved():
+        try:
+            return ((mp / "org2/onnx/model.onnx").is_file() and not (mp / "org").exists()
+                    and "org" not in os.listdir(mp))
+        except OSError:
+            return False
+
+    ok, dt = _poll(moved)
+    assert ok, (f"[{mode}] `modelfs mv org/onnx org2/onnx` not shown {dt:.2f}s later "
+                f"(contract: within 1 s); root lists {sorted(os.listdir(mp))}")
+    assert (mp / "org2/onnx/model.onnx").read_bytes() == want
+    assert (mp / "gguf-model/model.gguf").read_bytes()[:4] == b"GGUF"

@@ -39,6 +39,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Create an empty store (import also creates one on first use)
+    #[command(after_help = "Examples:\n  modelfs init\n  modelfs --store /srv/models init")]
     Init,
     /// Import a model directory, a single file, or a Hugging Face cache snapshot
     #[command(
@@ -77,6 +78,9 @@ modelfs import ./checkpoint --allow-malformed"
         json: bool,
     },
     /// List models, or the files of one model and how each is stored
+    #[command(
+        after_help = "Examples:\n  modelfs ls\n  modelfs ls org/llama-3-8b\n  modelfs ls --json"
+    )]
     Ls {
         /// Show the files of this model
         name: Option<String>,
@@ -107,13 +111,35 @@ modelfs rm org/ --recursive --dry-run\n  modelfs rm org/ --recursive --json"
         #[arg(long)]
         json: bool,
     },
+    /// Rename a model (the catalog only: no bytes move; a mount shows the new name within a second)
+    #[command(
+        long_about = "Rename model OLD to NEW. Only the catalog changes: no bytes are copied, and a \
+running mount shows the model under its new name within a second. NEW follows the import's naming \
+rules and may be in another namespace (org/a to org2/a); it must not exist, and must not be inside \
+or around another model's directory.",
+        after_help = "Examples:\n  modelfs mv llama-3-8b org/llama-3-8b\n  \
+modelfs mv org/llama-3-8b-ft org2/llama-3-8b-ft\n  modelfs mv bert-base bert-base-uncased --json"
+    )]
+    Mv {
+        /// The model's name now
+        old: String,
+        /// Its new name
+        new: String,
+        /// Print the renamed model as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Reclaim disk space no model references (safe while the store is mounted)
+    #[command(after_help = "Examples:\n  modelfs gc\n  modelfs gc --json")]
     Gc {
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
     /// Re-read and re-hash stored files; exit 1 and name each damaged file
+    #[command(
+        after_help = "Examples:\n  modelfs verify\n  modelfs verify org/llama-3-8b\n  modelfs verify --json"
+    )]
     Verify {
         /// Only this model
         name: Option<String>,
@@ -128,12 +154,17 @@ modelfs rm org/ --recursive --dry-run\n  modelfs rm org/ --recursive --json"
     /// the chunk list, docs/store-format.md §3). Reads every stored byte once,
     /// checking each chunk, then rewrites the keys in one transaction: an
     /// interrupted upgrade leaves the store as it was. Restart mounts after it.
+    #[command(
+        after_help = "Examples:\n  modelfs upgrade\n  modelfs --store /srv/models upgrade --json"
+    )]
     Upgrade {
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
     /// Write a stored file to stdout, reassembled and checked against its hash
+    #[command(after_help = "Examples:\n  modelfs cat org/llama-3-8b/config.json\n  \
+modelfs cat org/llama-3-8b/model.safetensors > /tmp/model.safetensors")]
     Cat {
         /// MODEL/PATH, e.g. org/llama-3-8b/config.json
         file: String,
@@ -146,10 +177,14 @@ whole are served by kernel FUSE passthrough when the kernel and privileges allow
 reassembled from memory-mapped store objects, each chunk checked against its hash (a damaged chunk \
 reads as EIO). Models imported or removed while mounted appear or disappear within a second. \
 Statistics: MOUNTPOINT/.modelfs/stats.json.\n\nRuns in the foreground until unmounted or sent \
-SIGTERM/SIGINT; --daemon returns once the mount is ready."
+SIGTERM/SIGINT; --daemon returns once the mount is ready.",
+        after_help = "Examples:\n  modelfs mount /models\n  \
+modelfs mount /models --daemon --log-file /var/log/modelfs.log\n  \
+modelfs mount /models --passthrough off --pin-budget 4GiB"
     )]
     Mount(MountArgs),
     /// Unmount a modelfs mount (the daemon then exits)
+    #[command(after_help = "Examples:\n  modelfs umount /models\n  modelfs umount /models --lazy")]
     Umount {
         /// Mount point
         mountpoint: PathBuf,
@@ -158,6 +193,7 @@ SIGTERM/SIGINT; --daemon returns once the mount is ready."
         lazy: bool,
     },
     /// Is the store mounted, in which mode, what it holds and serves
+    #[command(after_help = "Examples:\n  modelfs status\n  modelfs status /models --json")]
     Status {
         /// Mount point [default: `mountpoint` from the configuration]
         mountpoint: Option<PathBuf>,
@@ -172,7 +208,9 @@ copy-mode reads served from resident pages vs from disk, bytes prefetched by loa
 traces saved/replayed. Read from MOUNTPOINT/.modelfs/stats.json (which --json prints as is). \
 Passthrough reads go from the kernel to the store without the daemon, so they are not in the read \
 counters; pinned bytes cover both modes. A file shared by several models counts in each of them. \
-Exits 3 if nothing is mounted there."
+Exits 3 if nothing is mounted there.",
+        after_help = "Examples:\n  modelfs stats\n  modelfs stats /models --model org/llama-3-8b\n  \
+modelfs stats /models --json"
     )]
     Stats {
         /// Mount point [default: `mountpoint` from the configuration]
@@ -186,6 +224,8 @@ Exits 3 if nothing is mounted there."
     },
     /// Pull a model's files into memory by reading them through the mount, so the
     /// mount's pinning policy can keep their shared chunks (within its budget)
+    #[command(after_help = "Examples:\n  modelfs warm org/llama-3-8b\n  \
+modelfs warm org/llama-3-8b model.safetensors --mountpoint /models --json")]
     Warm {
         /// Model name
         name: String,
@@ -199,9 +239,15 @@ Exits 3 if nothing is mounted there."
         json: bool,
     },
     /// Check a configuration file; names the bad key and exits 1 if it is invalid
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  modelfs config check\n  modelfs config check /etc/modelfs/config.toml"
+    )]
     Config(ConfigCommand),
     /// Install the binary, the mount helper, the systemd unit and an example configuration
+    #[command(
+        after_help = "Examples:\n  sudo modelfs install\n  modelfs install --prefix ~/.local"
+    )]
     Install(crate::install::InstallArgs),
     /// Run a command with tensor sharing on: its mmaps of mount files map the store's objects
     #[command(
@@ -231,9 +277,12 @@ modelfs exec -- llama-server -m /models/qwen/q4.gguf\n  modelfs exec --print-env
     },
     /// Show logical vs stored bytes, the dedup ratio, and per model unique/shared bytes
     #[command(
-        after_help = "Examples:\n  modelfs du\n  modelfs du --matrix          # which models share bytes (place them on one node)\n  modelfs du --matrix --json"
+        after_help = "Examples:\n  modelfs du\n  modelfs du org/llama-3-8b    # one model, and the models it shares bytes with\n  modelfs du org/llama-3-8b --json\n  modelfs du --matrix          # which models share bytes (place them on one node)\n  modelfs du --matrix --json"
     )]
     Du {
+        /// Only this model: its usage and the bytes it shares with each other model
+        #[arg(conflicts_with = "matrix")]
+        name: Option<String>,
         /// For every pair of models, the bytes they share
         #[arg(long)]
         matrix: bool,
@@ -246,6 +295,9 @@ modelfs exec -- llama-server -m /models/qwen/q4.gguf\n  modelfs exec --print-env
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// Validate a configuration file (default: --config, else /etc/modelfs/config.toml)
+    #[command(
+        after_help = "Examples:\n  modelfs config check\n  modelfs config check /etc/modelfs/config.toml"
+    )]
     Check { file: Option<PathBuf> },
 }
 

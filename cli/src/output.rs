@@ -198,6 +198,54 @@ pub fn removed(models: &[ModelInfo], dry_run: bool, as_json: bool) -> Result<()>
     Ok(())
 }
 
+/// `modelfs mv`: the model under its new name.
+pub fn renamed(old: &str, m: &ModelInfo, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(&serde_json::json!({
+            "old": old,
+            "new": m.name,
+            "files": m.files,
+            "logical_bytes": m.logical_bytes,
+        }));
+    }
+    println!(
+        "renamed {old} to {} ({}, {})",
+        m.name,
+        count(m.files, "file"),
+        HumanBytes(m.logical_bytes)
+    );
+    Ok(())
+}
+
+/// `modelfs du MODEL`: one model's usage and who it shares bytes with.
+pub fn model_sharing(m: &modelfs_store::ModelSharing, as_json: bool) -> Result<()> {
+    if as_json {
+        return json(m);
+    }
+    let u = &m.usage;
+    println!("model   {}", u.name);
+    println!("files   {}", u.files);
+    println!("logical {}", HumanBytes(u.logical_bytes));
+    println!(
+        "unique  {} (freed by removing it)",
+        HumanBytes(u.unique_bytes)
+    );
+    println!(
+        "shared  {} (also used by other models)",
+        HumanBytes(u.shared_bytes)
+    );
+    if m.shares_with.is_empty() {
+        println!("shares bytes with no other model");
+        return Ok(());
+    }
+    println!("shares bytes with:");
+    let width = column_width("MODEL", m.shares_with.iter().map(|s| s.name.as_str()));
+    for s in &m.shares_with {
+        println!("  {:width$}  {}", s.name, HumanBytes(s.shared_bytes));
+    }
+    Ok(())
+}
+
 /// `modelfs gc`: what was reclaimed.
 pub fn gc(r: &GcReport, as_json: bool) -> Result<()> {
     if as_json {

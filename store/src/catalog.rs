@@ -491,6 +491,20 @@ impl Catalog {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// Give model `id` the name `new` in one transaction. The caller has
+    /// checked the name; the catalog's UNIQUE constraint still refuses a
+    /// name another connection took meanwhile.
+    pub fn rename_model(&self, id: i64, new: &str) -> Result<()> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        self.sql(|c| {
+            c.execute(
+                "UPDATE models SET name = ?2 WHERE id = ?1",
+                rusqlite::params![id, new],
+            )
+        })?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// Read models, entries and the contents they use in one read transaction.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;

@@ -50,6 +50,10 @@ pub enum Error {
     /// to; holds the name.
     #[error("model {0:?} already exists (use --replace to overwrite it)")]
     ModelExists(String),
+    /// A model cannot be renamed to a name another model already has; holds
+    /// the name.
+    #[error("model {0:?} already exists (remove it first or choose another name)")]
+    NameTaken(String),
     /// No model has this name; holds the name.
     #[error("no model named {0:?}")]
     NoSuchModel(String),

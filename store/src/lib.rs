@@ -50,7 +50,7 @@ pub use read::{whole_object_matches, FileReader};
 pub use recipe::Segment;
 pub use trace::{LoadTrace, TraceRecorder, TRACES_DIR};
 pub use upgrade::UpgradeReport;
-pub use usage::{ModelUsage, SharingMatrix, Usage};
+pub use usage::{ModelSharing, ModelUsage, SharedWith, SharingMatrix, Usage};
 pub use verify::{Damage, VerifyReport};
 
 use error::IoContext;
@@ -400,6 +400,61 @@ impl Store {
             self.catalog.remove_models(&ids)?;
         }
         Ok(chosen.into_iter().cloned().collect())
+    }
+}
+
+impl Store {
+    /// Rename model `old` to `new` (`mv`): the catalog only, no byte moves,
+    /// so a mount shows the new name at its next catalog refresh. `new`
+    /// follows the import's rules: a valid name, no model of that name, and
+    /// neither inside nor around another model's directory.
+    pub fn rename_model(&mut self, old: &str, new: &str) -> Result<ModelInfo> {
+        validate_model_name(new)?;
+        // Taken before the names are checked, so that no import, rm or mv
+        // can take `new` or remove `old` in between.
+        let _lock = self.lock_writer(|| {})?;
+        let models = self.models()?;
+        let Some(model) = models.iter().find(|m| m.name == old) else {
+            let under = models
+                .iter()
+                .filter(|m| names::is_ancestor(old, &m.name))
+                .count();
+            return Err(if under > 0 {
+                Error::InvalidName {
+                    name: old.to_string(),
+                    reason: format!(
+                        "it is not a model but the namespace of {under} model(s); rename them one by one"
+                    ),
+                }
+            } else {
+                Error::NoSuchModel(old.to_string())
+            });
+        };
+        if old == new {
+            return Ok(model.clone());
+        }
+        for m in &models {
+            if m.id == model.id {
+                continue;
+            }
+            if m.name == new {
+                return Err(Error::NameTaken(new.to_string()));
+            }
+            if names::is_ancestor(&m.name, new) || names::is_ancestor(new, &m.name) {
+                return Err(Error::InvalidName {
+                    name: new.to_string(),
+                    reason: format!(
+                        "it would nest with model {:?} (a model's directory cannot contain another model)",
+                        m.name
+                    ),
+                });
+            }
+        }
+        self.catalog.rename_model(model.id, new)?;
+        Ok(ModelInfo {
+            name: new.to_string(),
+            ..model.clone()
+        })
     }
 }
 

@@ -32,6 +32,25 @@ pub struct SharingMatrix {
     pub shared_bytes: Vec<Vec<u64>>,
 }
 
+/// One model's usage and the models it shares bytes with (`du MODEL`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSharing {
+    /// The model's files, logical, unique and shared bytes.
+    #[serde(flatten)]
+    pub usage: ModelUsage,
+    /// Every other model it shares chunks with, most shared bytes first.
+    pub shares_with: Vec<SharedWith>,
+}
+
+/// Bytes a model shares with one other model ([`ModelSharing::shares_with`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SharedWith {
+    /// Name of the other model.
+    pub name: String,
+    /// Bytes of distinct chunks both models reference.
+    pub shared_bytes: u64,
+}
+
 /// Disk use of the whole store and what deduplication saves (`du`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Usage {
@@ -166,6 +185,39 @@ impl Store {
             models: models.into_iter().map(|m| m.name).collect(),
             shared_bytes,
         })
+    }
+
+    /// One model's usage and the bytes it shares with each other model
+    /// (`du MODEL`), from the same counts as [`Store::usage`] and
+    /// [`Store::sharing_matrix`].
+    pub fn model_sharing(&self, name: &str) -> Result<ModelSharing> {
+        let usage = self
+            .usage()?
+            .models
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| crate::Error::NoSuchModel(name.to_string()))?;
+        let matrix = self.sharing_matrix()?;
+        let mut shares_with: Vec<SharedWith> = match matrix.models.iter().position(|m| m == name) {
+            Some(i) => matrix
+                .models
+                .iter()
+                .zip(&matrix.shared_bytes[i])
+                .enumerate()
+                .filter(|&(j, (_, &bytes))| j != i && bytes > 0)
+                .map(|(_, (other, &bytes))| SharedWith {
+                    name: other.clone(),
+                    shared_bytes: bytes,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        shares_with.sort_by(|a, b| {
+            b.shared_bytes
+                .cmp(&a.shared_bytes)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        Ok(ModelSharing { usage, shares_with })
     }
 
     /// (object id, allocated bytes) of every object file on disk, referenced or not.

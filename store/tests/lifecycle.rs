@@ -324,3 +324,54 @@ fn resolving_a_model_name_alone_says_to_name_one_of_its_files() {
     let err = store.resolve("org").unwrap_err().to_string();
     assert!(err.contains("no model name is a prefix"), "{err}");
 }
+
+#[test]
+fn rename_moves_the_name_only_and_follows_the_import_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut store, base, _) = family(tmp.path());
+    store.rename_model("a", "org/a").unwrap();
+    let renamed = store.rename_model("org/a", "org2/a").unwrap();
+    assert_eq!(renamed.name, "org2/a");
+    let names: Vec<String> = store
+        .models()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["b", "org2/a"]);
+    assert_eq!(read_all(&store, "org2/a", "w.bin"), base);
+    assert!(matches!(
+        store.rename_model("org2/a", "b"),
+        Err(Error::NameTaken(n)) if n == "b"
+    ));
+    assert!(matches!(
+        store.rename_model("gone", "c"),
+        Err(Error::NoSuchModel(n)) if n == "gone"
+    ));
+    for nested in ["b/inner", "org2/a/x"] {
+        let from = if nested.starts_with('b') {
+            "org2/a"
+        } else {
+            "b"
+        };
+        assert!(
+            matches!(
+                store.rename_model(from, nested),
+                Err(Error::InvalidName { .. })
+            ),
+            "{from} -> {nested} accepted"
+        );
+    }
+    assert!(matches!(
+        store.rename_model("org2", "c"),
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(store.rename_model("b", "../c").is_err());
+    let names: Vec<String> = store
+        .models()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["b", "org2/a"], "a refused rename changed nothing");
+}

@@ -144,7 +144,8 @@ fn run_with_store(
         Command::Cat { file } => store_cmds::cat(&dir, &file)?,
         Command::Mount(args) => return mount::mount(dir, args, config_path, file_cfg),
         Command::Umount { mountpoint, lazy } => mount::umount(&mountpoint, lazy)?,
-        Command::Du { matrix, json } => store_cmds::du(&dir, matrix, json)?,
+        Command::Du { name, matrix, json } => store_cmds::du(&dir, name.as_deref(), matrix, json)?,
+        Command::Mv { old, new, json } => store_cmds::mv(&dir, &old, &new, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

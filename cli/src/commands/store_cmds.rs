@@ -32,8 +32,11 @@ pub fn ls(dir: &Path, name: Option<&str>, json: bool) -> Result<()> {
 }
 
 /// `modelfs du`: logical vs stored bytes, per model.
-pub fn du(dir: &Path, matrix: bool, json: bool) -> Result<()> {
+pub fn du(dir: &Path, name: Option<&str>, matrix: bool, json: bool) -> Result<()> {
     let store = Store::open(dir)?;
+    if let Some(name) = name {
+        return output::model_sharing(&store.model_sharing(name)?, json);
+    }
     if matrix {
         return output::sharing_matrix(&store.sharing_matrix()?, json);
     }
@@ -46,6 +49,13 @@ pub fn rm(dir: &Path, names: &[String], recursive: bool, dry_run: bool, json: bo
     let mut store = Store::open(dir)?;
     let removed = store.remove_models(names, RemoveOptions { recursive, dry_run })?;
     output::removed(&removed, dry_run, json)
+}
+
+/// `modelfs mv`: rename a model in the catalog.
+pub fn mv(dir: &Path, old: &str, new: &str, json: bool) -> Result<()> {
+    let mut store = Store::open(dir)?;
+    let model = store.rename_model(old, new)?;
+    output::renamed(old, &model, json)
 }
 
 /// `modelfs gc`: reclaim what no model references.
