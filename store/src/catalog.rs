@@ -627,3 +627,33 @@ mod ddl_doc_test {
         assert_eq!(normalised(&documented_ddl(doc)), normalised(SCHEMA.trim()));
     }
 }
+
+#[cfg(test)]
+mod hf_columns_test {
+    //! A catalog made before `models.hf_revision`/`hf_commit` keeps working.
+
+    use super::Catalog;
+
+    #[test]
+    fn an_older_catalog_gets_the_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let cat = Catalog::open(&path, true).unwrap();
+            cat.conn
+                .execute_batch(
+                    "ALTER TABLE models DROP COLUMN hf_revision;
+                     ALTER TABLE models DROP COLUMN hf_commit;
+                     INSERT INTO models(name, imported_at, source, file_count, logical_bytes)
+                     VALUES ('old', 1, '/src', 0, 0);",
+                )
+                .unwrap();
+        }
+        let cat = Catalog::open(&path, false).unwrap();
+        assert!(cat.hf_columns);
+        let m = cat.model("old").unwrap().unwrap();
+        assert_eq!((m.revision, m.commit), (None, None));
+        // A second open finds them and adds nothing.
+        assert!(Catalog::open(&path, false).unwrap().hf_columns);
+    }
+}

@@ -80,7 +80,10 @@ pub fn import(
                 if repos.is_empty() {
                     failed.push((
                         path.clone(),
-                        anyhow!("{}: a hub root without models--ORG--NAME repos", path.display()),
+                        anyhow!(
+                            "{}: a hub root without models--ORG--NAME repos",
+                            path.display()
+                        ),
                     ));
                 }
                 jobs.extend(repos);
@@ -125,7 +128,10 @@ pub fn import(
         output::json(&done)?;
     }
     if !failed.is_empty() {
-        let names: Vec<String> = failed.iter().map(|(p, _)| p.display().to_string()).collect();
+        let names: Vec<String> = failed
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         bail!(
             "{} of {} imports failed ({}); the others are imported",
             failed.len(),

@@ -129,7 +129,11 @@ fn hf_revisions(repo: &Path) -> String {
             v.join(", ")
         }
     };
-    format!("refs: {}; snapshot commits: {}", list(&refs), list(&commits))
+    format!(
+        "refs: {}; snapshot commits: {}",
+        list(&refs),
+        list(&commits)
+    )
 }
 
 /// Resolve `revision` (default `main`) in a Hugging Face cache repo: a ref
@@ -141,7 +145,11 @@ fn resolve_revision(repo: &Path, revision: Option<&str>) -> Result<(PathBuf, Hub
         path: repo.to_path_buf(),
         reason,
     };
-    if rev.is_empty() || rev.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if rev.is_empty()
+        || rev
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err(bad(format!("revision {rev:?} is not a ref name or commit")));
     }
     let ref_file = repo.join("refs").join(rev);
