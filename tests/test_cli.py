@@ -1373,3 +1373,80 @@ def test_du_model_lists_who_it_shares_with(mfs, family):
     assert "base-copy" in text and "ft-head" in text and "gguf-model" not in text, text
     r = mfs.run("du", "no-such", ok=False)
     assert 'no model named "no-such"' in r.stderr, r.stderr
+
+
+# --- Hugging Face hub roots, --revision, several paths in one import ---------
+
+def _hub_root(family, tmp_path) -> tuple[Path, Path, str]:
+    """A hub root holding family's models--org--tiny (real layout, copied with
+    its symlinks), a second repo models--org--other, a second commit of tiny
+    tagged v1 (refs/v1) and a dataset repo; returns (root, tiny repo, main commit)."""
+    snap = family.path("hf-cache")
+    root = tmp_path / "hub"
+    tiny = root / "models--org--tiny"
+    shutil.copytree(snap.parent.parent, tiny, symlinks=True)
+    main = (tiny / "refs" / "main").read_text().strip()
+    old = "0" * 39 + "1"
+    (tiny / "snapshots" / old).mkdir()
+    blob = tiny / "blobs" / ("b" * 64)
+    blob.write_bytes(b'{"old": true}\n')
+    os.symlink(f"../../blobs/{blob.name}", tiny / "snapshots" / old / "config.json")
+    (tiny / "refs" / "v1").write_text(old)
+    shutil.copytree(tiny, root / "models--org--other", symlinks=True)
+    (root / "datasets--org--data" / "snapshots").mkdir(parents=True)
+    return root, tiny, main
+
+
+def test_import_hub_root_imports_every_model_repo(mfs, family, tmp_path):
+    root, tiny, main = _hub_root(family, tmp_path)
+    r = mfs.import_(root, "--json")
+    out = r.json()
+    assert isinstance(out, list) and sorted(x["name"] for x in out) == ["org/other", "org/tiny"], out
+    assert "datasets--org--data" in r.stderr and "skipping" in r.stderr, r.stderr
+    models = mfs.ls_models()
+    assert sorted(models) == ["org/other", "org/tiny"], models
+    for n in models:
+        assert models[n]["revision"] == "main" and models[n]["commit"] == main, models[n]
+    check_model(mfs, "org/tiny", expected_files(family.path("hf-cache")))
+    text = mfs.run("ls", ok=True).stdout
+    assert "REVISION" in text and f"main@{main[:12]}" in text, text
+
+
+def test_import_revision_tag_commit_prefix_and_missing(mfs, family, tmp_path):
+    root, tiny, main = _hub_root(family, tmp_path)
+    old = "0" * 39 + "1"
+    r = mfs.import_(tiny, "--revision", "v1", "--name", "t/tag", "--json").json()
+    assert (r["revision"], r["commit"]) == ("v1", old), r
+    assert mfs.cat("t/tag/config.json") == b'{"old": true}\n'
+    mfs.import_(tiny, "--revision", main[:7], "--name", "t/prefix", ok=True)
+    m = mfs.ls_models()
+    assert (m["t/prefix"]["revision"], m["t/prefix"]["commit"]) == (main[:7], main), m
+    before = mfs.snapshot()
+    r = mfs.import_(tiny, "--revision", "nope", "--name", "t/none", ok=False)
+    assert "refs/nope" in r.stderr and main in r.stderr and old in r.stderr and "v1" in r.stderr, r.stderr
+    (tiny / "refs" / "main").unlink()
+    r = mfs.import_(tiny, "--name", "t/nomain", ok=False)
+    assert "refs/main" in r.stderr and "v1" in r.stderr and main in r.stderr, r.stderr
+    assert_unchanged(mfs, before, "a failed revision lookup")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.txt").write_text("x")
+    r = mfs.import_(plain, "--revision", "main", ok=False)
+    assert "--revision" in r.stderr, r.stderr
+
+
+def test_import_several_paths_per_model(mfs, family, tmp_path):
+    a = copy_model(family.path("base"), tmp_path / "alpha")
+    b = copy_model(family.path("gguf-model"), tmp_path / "beta")
+    r = mfs.import_(a, b, "--name", "x", ok=False)
+    assert "--name" in r.stderr, r.stderr
+    mfs.import_(a, b, ok=True)
+    assert sorted(mfs.ls_models()) == ["alpha", "beta"]
+    assert mfs.ls_models()["alpha"]["revision"] is None and mfs.ls_models()["alpha"]["commit"] is None
+    r = mfs.import_(tmp_path / "missing", a, "--replace", "--json", ok=False)
+    out = r.json()
+    assert [x.get("name") for x in out if "name" in x] == ["alpha"], out
+    assert any(x.get("path", "").endswith("missing") for x in out), out
+    assert "1 of 2 imports failed" in r.stderr and "missing" in r.stderr, r.stderr
+    one = mfs.import_(b, "--replace", "--json").json()
+    assert isinstance(one, dict) and one["name"] == "beta" and "revision" not in one, one

@@ -41,11 +41,17 @@ pub enum Command {
     /// Create an empty store (import also creates one on first use)
     #[command(after_help = "Examples:\n  modelfs init\n  modelfs --store /srv/models init")]
     Init,
-    /// Import a model directory, a single file, or a Hugging Face cache snapshot
+    /// Import model directories, single files, or Hugging Face cache repos and hub roots
     #[command(
-        long_about = "Import a model directory, a single file, or a Hugging Face cache \
-snapshot (models--ORG--NAME/snapshots/REV, or the models--ORG--NAME directory itself, which means \
-its refs/main snapshot).\n\nEvery file is cut into chunks on tensor boundaries (safetensors, torch \
+        long_about = "Import model directories, single files, or Hugging Face cache repos: a \
+snapshot (models--ORG--NAME/snapshots/COMMIT), a repo directory models--ORG--NAME (its refs/main \
+snapshot, or the one --revision names), or a hub root such as ~/.cache/huggingface/hub (every \
+models--ORG--NAME in it, each as model ORG/NAME; datasets-- and spaces-- repos are skipped with a \
+note). For a Hugging Face cache the revision and commit are recorded and shown by `ls`.\n\n\
+Several PATHs import several models, one after another, each named from its path. Each model is \
+atomic on its own: a failure leaves no trace of that model, the models before it stay imported and \
+the rest are still tried; the command then lists what failed and exits non-zero.\n\n\
+Every file is cut into chunks on tensor boundaries (safetensors, torch \
 zip checkpoints, GGUF, ONNX) or by content-defined chunking (everything else); only chunks the store \
 does not hold yet are written. The model becomes visible atomically once all its data is on disk. \
 Symlinks are followed only inside the imported tree (and into a Hugging Face repo's blobs/).\n\n\
@@ -55,15 +61,21 @@ is almost always a broken download: the import is refused, naming the file and t
 nothing is stored. --allow-malformed stores such files by content-defined chunking instead. A \
 directory without files is an error too.",
         after_help = "Examples:\n  modelfs import ./llama-3-8b --name org/llama-3-8b\n  \
-modelfs import ~/.cache/huggingface/hub/models--org--name\n  \
+modelfs import ~/.cache/huggingface/hub/models--org--name --revision v1.0\n  \
+modelfs import ~/.cache/huggingface/hub\n  \
+modelfs import ./bert ./gpt2 ./t5.safetensors\n  \
 modelfs import ./checkpoint --allow-malformed"
     )]
     Import {
-        /// Directory or file to import
-        path: PathBuf,
-        /// Model name, a relative path like `bert-base` or `org/llama-3-8b` [default: from PATH]
+        /// Directories or files to import, each as its own model
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Model name, a relative path like `bert-base` or `org/llama-3-8b`; only with one PATH that is not a hub root [default: from PATH]
         #[arg(long)]
         name: Option<String>,
+        /// Hugging Face cache revision: a branch or tag under refs/, or a snapshot commit or unique prefix of one [default: main]
+        #[arg(long, value_name = "REV")]
+        revision: Option<String>,
         /// Replace an existing model with the same name
         #[arg(long)]
         replace: bool,
@@ -73,7 +85,7 @@ modelfs import ./checkpoint --allow-malformed"
         /// Store model files whose headers do not parse (by content-defined chunking) instead of refusing the import
         #[arg(long)]
         allow_malformed: bool,
-        /// Print the summary as JSON
+        /// Print the summary as JSON (one object for one model, a list for several)
         #[arg(long)]
         json: bool,
     },

@@ -101,22 +101,36 @@ pub fn models(models: &[ModelInfo], as_json: bool) -> Result<()> {
                     "logical_bytes": m.logical_bytes,
                     "imported_at": rfc3339(m.imported_at_ns),
                     "source": m.source,
+                    "revision": m.revision,
+                    "commit": m.commit,
                 })
             })
             .collect();
         return json(&list);
     }
     let width = column_width("NAME", models.iter().map(|m| m.name.as_str()));
+    // A commit is shown as its first 12 characters, as the hub shows it;
+    // `ls --json` has it whole.
+    let revs: Vec<String> = models
+        .iter()
+        .map(|m| match (&m.revision, &m.commit) {
+            (Some(r), Some(c)) if r == c => c.chars().take(12).collect(),
+            (Some(r), Some(c)) => format!("{r}@{}", c.chars().take(12).collect::<String>()),
+            _ => "-".to_string(),
+        })
+        .collect();
+    let rev_width = column_width("REVISION", revs.iter().map(String::as_str));
     println!(
-        "{:width$}  {:>6}  {:>11}  IMPORTED",
-        "NAME", "FILES", "SIZE"
+        "{:width$}  {:>6}  {:>11}  {:rev_width$}  IMPORTED",
+        "NAME", "FILES", "SIZE", "REVISION"
     );
-    for m in models {
+    for (m, rev) in models.iter().zip(&revs) {
         println!(
-            "{:width$}  {:>6}  {:>11}  {}",
+            "{:width$}  {:>6}  {:>11}  {:rev_width$}  {}",
             m.name,
             m.files,
             HumanBytes(m.logical_bytes).to_string(),
+            rev,
             rfc3339(m.imported_at_ns)
         );
     }

@@ -272,6 +272,8 @@ mod tests {
             logical_bytes: 0,
             imported_at_ns: 1_000_000_000 * id,
             source: String::new(),
+            revision: None,
+            commit: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn import(store: &mut Store, dir: &Path, name: &str, bytes: &[u8]) {
         replace: false,
         follow_symlinks: false,
         allow_malformed: false,
+        revision: None,
     };
     store.import(dir, &opts, &NoProgress).unwrap();
 }

@@ -163,6 +163,7 @@ impl Fixture {
                 replace: false,
                 follow_symlinks: false,
                 allow_malformed: false,
+                revision: None,
             };
             store
                 .import(&src.join(name), &opts, &NoProgress)

@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS models (
     imported_at   INTEGER NOT NULL,
     source        TEXT NOT NULL,
     file_count    INTEGER NOT NULL,
-    logical_bytes INTEGER NOT NULL
+    logical_bytes INTEGER NOT NULL,
+    hf_revision   TEXT,
+    hf_commit     TEXT
 );
 CREATE TABLE IF NOT EXISTS entries (
     model   INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
@@ -73,6 +75,10 @@ pub const KIND_DIR: i64 = 1;
 pub(crate) struct Catalog {
     pub(crate) conn: Connection,
     pub(crate) path: PathBuf,
+    /// Whether `models` has the `hf_revision`/`hf_commit` columns: a store
+    /// made before them gets them at the first open that can write, and one
+    /// opened read-only meanwhile reads them as NULL.
+    hf_columns: bool,
 }
 
 /// A model as listed by `ls`.
@@ -93,6 +99,11 @@ pub struct ModelInfo {
     pub imported_at_ns: i64,
     /// Absolute, symlink-resolved path that was imported; informational only.
     pub source: String,
+    /// For a model imported from a Hugging Face cache: the revision as asked
+    /// (`main`, a tag, a commit prefix).
+    pub revision: Option<String>,
+    /// For a model imported from a Hugging Face cache: the snapshot commit.
+    pub commit: Option<String>,
 }
 
 /// A file or directory inside a model.
@@ -133,9 +144,12 @@ pub struct ContentInfo {
 impl Catalog {
     /// Open (creating if asked) the catalog at `path`.
     pub fn open(path: &Path, create: bool) -> Result<Catalog> {
-        let (cat, version) = Catalog::open_any_version(path, create)?;
+        let (mut cat, version) = Catalog::open_any_version(path, create)?;
         match version {
-            SCHEMA_VERSION => Ok(cat),
+            SCHEMA_VERSION => {
+                cat.hf_columns = cat.add_hf_columns()?;
+                Ok(cat)
+            }
             1 => Err(Error::NotAStore {
                 path: path.to_path_buf(),
                 reason: format!(
@@ -164,6 +178,7 @@ impl Catalog {
         let cat = Catalog {
             conn,
             path: path.to_path_buf(),
+            hf_columns: false,
         };
         let version = cat.setup(create)?;
         Ok((cat, version))
@@ -211,6 +226,62 @@ impl Catalog {
         }
     }
 
+    /// Add the nullable `models.hf_revision`/`hf_commit` columns to a store
+    /// made before them; whether the columns are there now. Adding nullable
+    /// columns keeps the schema version: older modelfs name the columns they
+    /// read, so the extra ones are invisible to them. The check and the
+    /// change share one write transaction, so two processes opening at once
+    /// cannot both add them. A catalog this user cannot write is read with
+    /// the columns as NULL.
+    fn add_hf_columns(&self) -> Result<bool> {
+        let has = |c: &Connection| -> rusqlite::Result<bool> {
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM pragma_table_info('models') WHERE name IN ('hf_revision', 'hf_commit')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(n == 2)
+        };
+        if self.sql(has)? {
+            return Ok(true);
+        }
+        let added = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
+            let run = || -> rusqlite::Result<()> {
+                if !has(&self.conn)? {
+                    self.conn.execute_batch(
+                        "ALTER TABLE models ADD COLUMN hf_revision TEXT;
+                         ALTER TABLE models ADD COLUMN hf_commit TEXT;",
+                    )?;
+                }
+                self.conn.execute_batch("COMMIT")
+            };
+            run().inspect_err(|_| {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            })
+        });
+        match added {
+            Ok(()) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// The `models` columns [`row_to_model`] reads.
+    fn model_columns(&self) -> &'static str {
+        if self.hf_columns {
+            "id, name, file_count, logical_bytes, imported_at, source, hf_revision, hf_commit"
+        } else {
+            "id, name, file_count, logical_bytes, imported_at, source, NULL, NULL"
+        }
+    }
+
     /// Run a rusqlite call, naming the catalog file in any error.
     pub(crate) fn sql<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         f(&self.conn).map_err(|e| self.err(e))
@@ -225,10 +296,10 @@ impl Catalog {
 
     pub fn models(&self) -> Result<Vec<ModelInfo>> {
         self.sql(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT id, name, file_count, logical_bytes, imported_at, source
-                 FROM models ORDER BY name",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {} FROM models ORDER BY name",
+                self.model_columns()
+            ))?;
             let rows = st.query_map([], row_to_model)?;
             rows.collect()
         })
@@ -236,10 +307,10 @@ impl Catalog {
 
     pub fn model(&self, name: &str) -> Result<Option<ModelInfo>> {
         self.sql(|c| {
-            c.prepare_cached(
-                "SELECT id, name, file_count, logical_bytes, imported_at, source
-                 FROM models WHERE name = ?1",
-            )?
+            c.prepare_cached(&format!(
+                "SELECT {} FROM models WHERE name = ?1",
+                self.model_columns()
+            ))?
             .query_row([name], row_to_model)
             .optional()
         })
@@ -447,6 +518,8 @@ fn row_to_model(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelInfo> {
         logical_bytes: r.get::<_, i64>(3)? as u64,
         imported_at_ns: r.get(4)?,
         source: r.get(5)?,
+        revision: r.get(6)?,
+        commit: r.get(7)?,
     })
 }
 
@@ -566,5 +639,35 @@ mod ddl_doc_test {
     fn store_format_md_has_the_exact_ddl() {
         let doc = include_str!("../../docs/store-format.md");
         assert_eq!(normalised(&documented_ddl(doc)), normalised(SCHEMA.trim()));
+    }
+}
+
+#[cfg(test)]
+mod hf_columns_test {
+    //! A catalog made before `models.hf_revision`/`hf_commit` keeps working.
+
+    use super::Catalog;
+
+    #[test]
+    fn an_older_catalog_gets_the_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let cat = Catalog::open(&path, true).unwrap();
+            cat.conn
+                .execute_batch(
+                    "ALTER TABLE models DROP COLUMN hf_revision;
+                     ALTER TABLE models DROP COLUMN hf_commit;
+                     INSERT INTO models(name, imported_at, source, file_count, logical_bytes)
+                     VALUES ('old', 1, '/src', 0, 0);",
+                )
+                .unwrap();
+        }
+        let cat = Catalog::open(&path, false).unwrap();
+        assert!(cat.hf_columns);
+        let m = cat.model("old").unwrap().unwrap();
+        assert_eq!((m.revision, m.commit), (None, None));
+        // A second open finds them and adds nothing.
+        assert!(Catalog::open(&path, false).unwrap().hf_columns);
     }
 }

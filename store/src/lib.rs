@@ -43,7 +43,10 @@ pub use chunker::{canonical_key_of_bytes, CDC_AVG, CDC_MAX, CDC_MIN, TENSOR_PIEC
 pub use error::{Error, MalformedFile, Result};
 pub use gc::GcReport;
 pub use ids::{ChunkHash, ContentId, ContentKey, ObjectId};
-pub use import::{default_model_name, ImportOptions, ImportProgress, ImportSummary, NoProgress};
+pub use import::{
+    default_model_name, hf_hub_repos, HubRevision, ImportOptions, ImportProgress, ImportSummary,
+    NoProgress,
+};
 pub use names::{check_relative_path, validate_model_name, RESERVED as RESERVED_NAME};
 pub use object::MappedObject;
 pub use read::{whole_object_matches, FileReader};

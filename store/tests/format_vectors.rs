@@ -482,6 +482,7 @@ fn import_alone(dir: &Path, file: &str, bytes: &[u8]) -> (Store, Vec<String>) {
         replace: false,
         follow_symlinks: false,
         allow_malformed: false,
+        revision: None,
     };
     // A file whose name commits it to a format it does not parse as is
     // refused unless allowed, before anything is stored.

@@ -33,6 +33,7 @@ fn import(store: &mut Store, dir: &Path, name: &str, replace: bool) {
         replace,
         follow_symlinks: false,
         allow_malformed: false,
+        revision: None,
     };
     store.import(dir, &opts, &NoProgress).unwrap();
 }
@@ -100,6 +101,7 @@ fn replace_swaps_the_model_and_gc_frees_the_old_bytes() {
                 replace: false,
                 follow_symlinks: false,
                 allow_malformed: false,
+                revision: None,
             },
             &NoProgress,
         )

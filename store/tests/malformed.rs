@@ -52,6 +52,7 @@ fn import(store: &mut Store, dir: &Path, allow_malformed: bool) -> Result<Import
         replace: false,
         follow_symlinks: false,
         allow_malformed,
+        revision: None,
     };
     store.import(dir, &opts, &NoProgress)
 }

@@ -60,6 +60,7 @@ fn huge_chunk_length_in_recipe_is_an_error_without_allocating_it() {
             replace: false,
             follow_symlinks: false,
             allow_malformed: false,
+            revision: None,
         };
         store.import(&model, &opts, &NoProgress).expect("import");
         let content_id = store.files("m").expect("files")[0].content_id;

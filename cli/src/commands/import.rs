@@ -5,11 +5,13 @@
 //! its progress reporting (bar, warnings, lock waits) is part of it.
 
 use std::io::{self, IsTerminal};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use modelfs_store::{default_model_name, ImportOptions, ImportProgress, Store};
+use modelfs_store::{
+    default_model_name, hf_hub_repos, ImportOptions, ImportProgress, ImportSummary, Store,
+};
 
 use crate::output;
 
@@ -21,19 +23,132 @@ pub struct Flags {
     pub follow_symlinks: bool,
     /// Store model files that do not parse instead of refusing them.
     pub allow_malformed: bool,
+    /// Hugging Face cache revision to import instead of `main`.
+    pub revision: Option<String>,
 }
 
-/// Import `path` as `name` (default: derived from the path).
+/// Import every path, each as its own model named from its path (or `name`,
+/// with one path); a hub root stands for each model repo in it.
+///
+/// One path that is not a hub root behaves as a single import always did:
+/// its error is the command's, `--json` prints one object. Otherwise each
+/// model is imported on its own (atomic per model, as one import is), the
+/// rest are still tried after a failure, `--json` prints a list, and the
+/// command fails at the end naming every path that did not import.
 pub fn import(
     dir: &Path,
-    path: &Path,
+    paths: &[PathBuf],
     name: Option<String>,
     flags: Flags,
     json: bool,
 ) -> Result<()> {
-    if !path.exists() && path.symlink_metadata().is_err() {
-        bail!("{}: no such file or directory", path.display());
+    if name.is_some() && paths.len() > 1 {
+        bail!(
+            "--name names one model, but {} paths were given; drop --name to name each model from its path",
+            paths.len()
+        );
     }
+    let mut jobs = Vec::new();
+    let mut failed: Vec<(PathBuf, anyhow::Error)> = Vec::new();
+    let mut several = paths.len() > 1;
+    for path in paths {
+        if !path.exists() && path.symlink_metadata().is_err() {
+            if paths.len() == 1 {
+                bail!("{}: no such file or directory", path.display());
+            }
+            failed.push((
+                path.clone(),
+                anyhow!("{}: no such file or directory", path.display()),
+            ));
+            continue;
+        }
+        match hf_hub_repos(path).with_context(|| format!("reading {}", path.display()))? {
+            Some((repos, skipped)) => {
+                several = true;
+                if name.is_some() {
+                    bail!(
+                        "{}: a Hugging Face hub root holds one model per repo; --name cannot name them all",
+                        path.display()
+                    );
+                }
+                for s in &skipped {
+                    eprintln!(
+                        "modelfs: note: skipping {}: only model repos (models--ORG--NAME) are imported",
+                        s.display()
+                    );
+                }
+                if repos.is_empty() {
+                    failed.push((
+                        path.clone(),
+                        anyhow!(
+                            "{}: a hub root without models--ORG--NAME repos",
+                            path.display()
+                        ),
+                    ));
+                }
+                jobs.extend(repos);
+            }
+            None => jobs.push(path.clone()),
+        }
+    }
+    let (mut store, created) =
+        Store::create_or_open(dir).with_context(|| format!("opening store {}", dir.display()))?;
+    if created {
+        // On stderr: --json output stays one document. A mistyped --store,
+        // or a store other than the mounted one (sudo drops MODELFS_STORE),
+        // shows here at once.
+        eprintln!("modelfs: created a new store at {}", store.root().display());
+    }
+    if !several {
+        let summary = import_one(&mut store, &jobs[0], name, &flags)?;
+        return output::import(&summary, json);
+    }
+    let mut done = Vec::new();
+    for path in &jobs {
+        match import_one(&mut store, path, None, &flags) {
+            Ok(summary) => {
+                if !json {
+                    output::import(&summary, false)?;
+                }
+                done.push(serde_json::to_value(&summary)?);
+            }
+            Err(e) => {
+                eprintln!("modelfs: error: {e:#}");
+                failed.push((path.clone(), e));
+            }
+        }
+    }
+    if json {
+        for (path, e) in &failed {
+            done.push(serde_json::json!({
+                "path": path.display().to_string(),
+                "error": format!("{e:#}"),
+            }));
+        }
+        output::json(&done)?;
+    }
+    if !failed.is_empty() {
+        let names: Vec<String> = failed
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        bail!(
+            "{} of {} imports failed ({}); the others are imported",
+            failed.len(),
+            jobs.len() + failed.iter().filter(|(p, _)| !jobs.contains(p)).count(),
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Import one path as one model, with a progress bar.
+fn import_one(
+    store: &mut Store,
+    path: &Path,
+    name: Option<String>,
+    flags: &Flags,
+) -> Result<ImportSummary> {
     let name = match name {
         Some(n) => n,
         None => default_model_name(path).with_context(|| {
@@ -43,14 +158,6 @@ pub fn import(
             )
         })?,
     };
-    let (mut store, created) =
-        Store::create_or_open(dir).with_context(|| format!("opening store {}", dir.display()))?;
-    if created {
-        // On stderr: --json output stays one document. A mistyped --store,
-        // or a store other than the mounted one (sudo drops MODELFS_STORE),
-        // shows here at once.
-        eprintln!("modelfs: created a new store at {}", store.root().display());
-    }
     let progress = BarProgress::new();
     let summary = store
         .import(
@@ -60,12 +167,13 @@ pub fn import(
                 replace: flags.replace,
                 follow_symlinks: flags.follow_symlinks,
                 allow_malformed: flags.allow_malformed,
+                revision: flags.revision.clone(),
             },
             &progress,
         )
         .with_context(|| format!("importing {}", path.display()));
     progress.finish();
-    output::import(&summary?, json)
+    summary
 }
 
 /// A progress bar on stderr when it is a terminal; warnings always go to stderr.

@@ -114,20 +114,22 @@ fn run_with_store(
         }
         Command::Init => store_cmds::init(&dir)?,
         Command::Import {
-            path,
+            paths,
             name,
+            revision,
             replace,
             follow_symlinks,
             allow_malformed,
             json,
         } => import::import(
             &dir,
-            &path,
+            &paths,
             name,
             import::Flags {
                 replace,
                 follow_symlinks,
                 allow_malformed,
+                revision,
             },
             json,
         )?,

@@ -35,7 +35,7 @@ use crate::recipe;
 use crate::{fsync_dir, Store};
 
 use ingest::{ContentRef, Ingest};
-pub use source::default_model_name;
+pub use source::{default_model_name, hf_hub_repos, HubRevision};
 use source::{layouts, onnx_external_spans, walk, SourceTree};
 
 /// What to import a source as.
@@ -49,6 +49,10 @@ pub struct ImportOptions {
     /// Store files that declare a model format but do not parse (cut by
     /// content alone, with a warning) instead of refusing the import.
     pub allow_malformed: bool,
+    /// For a Hugging Face cache repo: the ref name (branch or tag under
+    /// `refs/`) or commit (or unique prefix of one) to import; `None` means
+    /// `main`. An error for any other source.
+    pub revision: Option<String>,
 }
 
 /// Callbacks for a progress display. All methods default to doing nothing.
@@ -95,6 +99,12 @@ pub struct ImportSummary {
     pub recognised_bytes: u64,
     /// The warnings reported through [`ImportProgress::warn`].
     pub warnings: Vec<String>,
+    /// For a Hugging Face cache import, the revision as asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// For a Hugging Face cache import, the snapshot commit imported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 impl Store {
@@ -113,7 +123,7 @@ impl Store {
     ) -> Result<ImportSummary> {
         let started = Instant::now();
         validate_model_name(&opts.name)?;
-        let tree = walk(source, opts.follow_symlinks)?;
+        let tree = walk(source, opts.follow_symlinks, opts.revision.as_deref())?;
         if tree.files.is_empty() {
             return Err(Error::NothingToImport(source.to_path_buf()));
         }
@@ -139,6 +149,8 @@ impl Store {
                 identical_files: 0,
                 recognised_bytes: 0,
                 warnings,
+                revision: tree.hub.as_ref().map(|h| h.revision.clone()),
+                commit: tree.hub.as_ref().map(|h| h.commit.clone()),
             },
         );
         let mut refs = Vec::with_capacity(tree.files.len());
@@ -229,8 +241,16 @@ impl Store {
             }
             let content_ids = insert_contents(&tx, ingest)?;
             tx.execute(
-                "INSERT INTO models(name, imported_at, source, file_count, logical_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![opts.name, now_ns, source, tree.files.len() as i64, ingest.summary.logical_bytes as i64],
+                "INSERT INTO models(name, imported_at, source, file_count, logical_bytes, hf_revision, hf_commit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    opts.name,
+                    now_ns,
+                    source,
+                    tree.files.len() as i64,
+                    ingest.summary.logical_bytes as i64,
+                    tree.hub.as_ref().map(|h| &h.revision),
+                    tree.hub.as_ref().map(|h| &h.commit)
+                ],
             )?;
             let model_id = tx.last_insert_rowid();
             insert_entries(&tx, model_id, tree, refs, &content_ids)

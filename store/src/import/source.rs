@@ -56,21 +56,180 @@ fn hf_repo_dir(dir: &Path) -> Option<PathBuf> {
     None
 }
 
-/// A Hugging Face cache repo directory stands for its `refs/main` snapshot.
-fn resolve_hf_repo(abs: &Path) -> Result<PathBuf> {
-    if !(abs.is_dir() && hf_repo_dir(abs).as_deref() == Some(abs)) {
-        return Ok(abs.to_path_buf());
+/// Where a Hugging Face hub cache import came from: the revision as asked
+/// (a ref name, or a commit or its prefix) and the commit it resolved to (the
+/// snapshot directory's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubRevision {
+    /// The revision as asked: `main` unless `--revision` named another.
+    pub revision: String,
+    /// The snapshot directory's name: the commit hash.
+    pub commit: String,
+}
+
+/// The repos of a Hugging Face hub cache root (a directory holding
+/// `models--org--name` directories): the model repos, and the dataset and
+/// space repos an import skips. `None` if `dir` is not such a root.
+pub fn hf_hub_repos(dir: &Path) -> Result<Option<(Vec<PathBuf>, Vec<PathBuf>)>> {
+    let abs = std::fs::canonicalize(dir).at(dir)?;
+    if !abs.is_dir() || hf_repo_dir(&abs).is_some() {
+        return Ok(None);
     }
-    let refs = abs.join("refs/main");
-    let rev = std::fs::read_to_string(&refs).at(&refs)?;
-    let snap = abs.join("snapshots").join(rev.trim());
-    if !snap.is_dir() {
-        return Err(Error::InvalidInput {
-            path: snap,
-            reason: "refs/main names a snapshot that does not exist".into(),
-        });
+    let mut names: Vec<_> = std::fs::read_dir(&abs)
+        .at(&abs)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .at(&abs)?;
+    names.sort();
+    let (mut models, mut skipped) = (Vec::new(), Vec::new());
+    for name in names {
+        let p = abs.join(&name);
+        if hf_repo_dir(&p).as_deref() != Some(p.as_path()) {
+            continue;
+        }
+        if name.to_string_lossy().starts_with("models--") {
+            models.push(p);
+        } else {
+            skipped.push(p);
+        }
     }
-    Ok(snap)
+    if models.is_empty() && skipped.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((models, skipped)))
+}
+
+/// The revisions a repo directory offers, for an error that lists them:
+/// every ref under `refs/` and every snapshot commit.
+fn hf_revisions(repo: &Path) -> String {
+    let mut refs = Vec::new();
+    let mut stack = vec![(repo.join("refs"), String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if e.path().is_dir() {
+                stack.push((e.path(), format!("{name}/")));
+            } else {
+                refs.push(name);
+            }
+        }
+    }
+    refs.sort();
+    let mut commits: Vec<String> = std::fs::read_dir(repo.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    commits.sort();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    format!(
+        "refs: {}; snapshot commits: {}",
+        list(&refs),
+        list(&commits)
+    )
+}
+
+/// Resolve `revision` (default `main`) in a Hugging Face cache repo: a ref
+/// under `refs/` first (branches and tags live there alike), then a snapshot
+/// commit or a unique prefix of one.
+fn resolve_revision(repo: &Path, revision: Option<&str>) -> Result<(PathBuf, HubRevision)> {
+    let rev = revision.unwrap_or("main");
+    let bad = |reason: String| Error::InvalidInput {
+        path: repo.to_path_buf(),
+        reason,
+    };
+    if rev.is_empty()
+        || rev
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(bad(format!("revision {rev:?} is not a ref name or commit")));
+    }
+    let ref_file = repo.join("refs").join(rev);
+    let commit = if ref_file.is_file() {
+        let c = std::fs::read_to_string(&ref_file).at(&ref_file)?;
+        let c = c.trim().to_string();
+        if c.is_empty() || c.contains('/') || !repo.join("snapshots").join(&c).is_dir() {
+            return Err(bad(format!(
+                "refs/{rev} names snapshot {c:?}, which does not exist under snapshots/ ({})",
+                hf_revisions(repo)
+            )));
+        }
+        c
+    } else {
+        let matches: Vec<String> = std::fs::read_dir(repo.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(rev))
+            .collect();
+        match matches.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(bad(format!(
+                    "no refs/{rev} and no snapshot commit starting with {rev:?} ({})",
+                    hf_revisions(repo)
+                )))
+            }
+            many => {
+                return Err(bad(format!(
+                    "revision {rev:?} is a prefix of several snapshot commits: {}",
+                    many.join(", ")
+                )))
+            }
+        }
+    };
+    let snap = repo.join("snapshots").join(&commit);
+    Ok((
+        snap,
+        HubRevision {
+            revision: rev.to_string(),
+            commit,
+        },
+    ))
+}
+
+/// A Hugging Face cache repo directory stands for the snapshot of `revision`
+/// (default `main`); a snapshot directory for itself, its name being both
+/// revision and commit. Anything else is imported as it is, and a revision
+/// for it is an error.
+pub(super) fn resolve_hf_repo(
+    abs: &Path,
+    revision: Option<&str>,
+) -> Result<(PathBuf, Option<HubRevision>)> {
+    match hf_repo_dir(abs) {
+        Some(repo) if abs.is_dir() && repo == abs => {
+            let (snap, rev) = resolve_revision(abs, revision)?;
+            Ok((snap, Some(rev)))
+        }
+        Some(_) if abs.is_dir() && revision.is_none() => {
+            let commit = abs
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((
+                abs.to_path_buf(),
+                Some(HubRevision {
+                    revision: commit.clone(),
+                    commit,
+                }),
+            ))
+        }
+        _ if revision.is_some() => Err(Error::InvalidInput {
+            path: abs.to_path_buf(),
+            reason: "--revision needs a Hugging Face cache repo (models--ORG--NAME) or hub root; this path is neither"
+                .into(),
+        }),
+        _ => Ok((abs.to_path_buf(), None)),
+    }
 }
 
 pub(super) struct SourceFile {
@@ -87,14 +246,19 @@ pub(super) struct SourceFile {
 pub(super) struct SourceTree {
     pub(super) files: Vec<SourceFile>,
     pub(super) dirs: Vec<String>,
+    pub(super) hub: Option<HubRevision>,
 }
 
 /// List the files to import, applying the symlink policy: links are followed
 /// only when their target stays inside the imported tree (or, for a Hugging
 /// Face snapshot, inside its repo's `blobs/`), unless `follow_symlinks`.
-pub(super) fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
+pub(super) fn walk(
+    source: &Path,
+    follow_symlinks: bool,
+    revision: Option<&str>,
+) -> Result<SourceTree> {
     let root = std::fs::canonicalize(source).at(source)?;
-    let root = resolve_hf_repo(&root)?;
+    let (root, hub) = resolve_hf_repo(&root, revision)?;
     let mut allowed = vec![root.clone()];
     if let Some(repo) = hf_repo_dir(&root) {
         allowed.push(repo);
@@ -112,6 +276,7 @@ pub(super) fn walk(source: &Path, follow_symlinks: bool) -> Result<SourceTree> {
     let mut tree = SourceTree {
         files: Vec::new(),
         dirs: Vec::new(),
+        hub,
     };
     let mut visited = HashSet::new();
     visited.insert((meta.dev(), meta.ino()));
@@ -176,6 +341,7 @@ fn single_file(root: PathBuf, meta: &Metadata) -> Result<SourceTree> {
     Ok(SourceTree {
         files: vec![file],
         dirs: Vec::new(),
+        hub: None,
     })
 }
 
