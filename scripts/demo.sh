@@ -73,5 +73,15 @@ for m in ["base", "ft-head", "ft-last"]:
 sd = torch.load(f"{mnt}/torch-bin/pytorch_model.bin", mmap=True, weights_only=True)
 print(f"torch.load(mmap=True) torch-bin: {len(sd)} tensors")
 PYEOF
-cat "$MNT/.modelfs/stats.json"
+say "the same loads with tensor sharing on (modelfs exec): the fine-tunes map the base's pages"
+"$M" exec -- "$PY" - "$MNT/demo" <<'PYEOF'
+import sys
+from safetensors.torch import load_file
+from modelfs import share
+for m in ["base", "ft-head", "ft-last"]:
+    load_file(f"{sys.argv[1]}/{m}/model.safetensors")
+s = share.stats()
+print(f"{s['shared_tensors']} tensors ({s['shared_bytes'] / 2**20:.0f} MiB) mapped from the store's objects")
+PYEOF
+"$M" stats "$MNT"
 echo "The store stays mounted at $MNT; unmount with: $M umount $MNT"
